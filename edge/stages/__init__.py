@@ -1,0 +1,1 @@
+"""Stage interfaces and their implementations (VAD, ASR, LLM, TTS, wake word)."""

@@ -1,0 +1,1 @@
+"""sottovoce export toolchain (workstation): real models -> ONNX -> INT8 -> validated, signed bundle."""

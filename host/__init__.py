@@ -1,0 +1,1 @@
+"""sottovoce host tool (laptop): flash, devices, profile, cloud fallback."""

@@ -1,0 +1,1 @@
+"""The ``sottovoce`` command line: one entry point, subcommands grouped by part."""

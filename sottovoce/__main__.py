@@ -1,0 +1,5 @@
+import sys
+
+from sottovoce.cli import main
+
+sys.exit(main())
