@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_models_list)
 
+    register_export(sub)
+
 
 def _progress_printer(enabled: bool):
     """A tqdm bar per file when stderr is a terminal, silent otherwise."""
@@ -85,4 +87,83 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         mark = "*" if r.default else " "
         print(f"{mark} {r.stage:5s} {r.name:24s} {r.license:11s} {', '.join(r.source['packages'])}")
     print("(* = default set)")
+    return 0
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    """``export`` and ``keys``."""
+    exp = sub.add_parser(
+        "export",
+        help="build a model bundle for a board (fetch, export, quantize, check, pack, sign)",
+        description="Build the bundle for --target: every stage exported or imported from the model cache, checked "
+        "against its recipe, quantized as the board profile says, hashed into manifest.json, packed as a "
+        "deterministic .svb and optionally signed. Writes the directory next to the .svb (dist/TARGET/ and "
+        "dist/TARGET.svb by default).",
+    )
+    exp.add_argument("--target", default="x86-dev", help="board profile name (hw/boards/*.toml); default x86-dev")
+    exp.add_argument("--out", type=Path, help="packed bundle path (default dist/TARGET.svb); the directory is its stem")
+    exp.add_argument("--sign-key", type=Path, help="ed25519 private key to sign the manifest with")
+    exp.add_argument("--llm", type=Path, help="a local Hugging Face causal-LM directory to use instead of the recipe")
+    exp.add_argument("--float", dest="quantize", action="store_false", help="ship every stage in float (no INT8)")
+    exp.add_argument("--fallback-float", action="store_true", help="ship a stage that fails its gate in float")
+    exp.add_argument("--version", dest="bundle_version", default="1", help="bundle version string (default 1)")
+    exp.add_argument("--cache", type=Path, help="model cache (default: $SOTTOVOCE_CACHE or ~/.cache/sottovoce)")
+    exp.add_argument("--json", action="store_true", help="print the result as JSON")
+    exp.set_defaults(func=cmd_export)
+
+    keys = sub.add_parser("keys", help="manage bundle signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    gen = ksub.add_parser("generate", help="create an ed25519 key pair (PATH, mode 0600, and PATH.pub)")
+    gen.add_argument("--out", type=Path, required=True, help="private key path; the public key goes to PATH.pub")
+    gen.add_argument("--force", action="store_true", help="overwrite existing files")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_keys_generate)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.builder import ExportOptions, build_bundle
+
+    opts = ExportOptions(target=args.target, sign_key=args.sign_key, llm=args.llm, version=args.bundle_version,
+                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float)
+    if args.out:
+        opts.svb = args.out
+        opts.out_dir = args.out.with_suffix("")
+    quiet = args.json
+
+    def status(stage: str, msg: str) -> None:
+        if not quiet:
+            print(f"[{stage}] {msg}", file=sys.stderr, flush=True)
+
+    result = build_bundle(opts, status)
+    m = result.manifest
+    if args.json:
+        print(json.dumps({
+            "ok": True, "bundle_id": m.bundle_id, "target": args.target, "dir": str(result.out_dir),
+            "svb": str(result.svb), "signed": bool(m.signature),
+            "stages": [r.__dict__ for r in result.stages],
+        }, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bundle for {args.target}: {result.svb}")
+    for col in ("stage", "kind", "format", "size", "drift", "gate", "time"):
+        table.add_column(col)
+    for r in result.stages:
+        size = f"{r.size_bytes / 1e6:.1f} MB" + (f" (float {r.float_bytes / 1e6:.1f})" if r.float_bytes else "")
+        drift = ", ".join(f"{k}={v}" for k, v in r.drift.items() if k != "gate" and not isinstance(v, (dict, list)))
+        table.add_row(r.stage, r.kind, r.scheme, size, drift or "-", r.gate, f"{r.seconds:.1f} s")
+    Console(stderr=False).print(table)
+    print(f"{'signed' if m.signature else 'UNSIGNED'} bundle {m.bundle_id} -> {result.svb}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from export.signing import generate_keypair
+
+    priv, pub = generate_keypair(args.out, overwrite=args.force)
+    if args.json:
+        print(json.dumps({"ok": True, "private": str(priv), "public": str(pub)}))
+    else:
+        print(f"private key {priv} (keep it secret), public key {pub} (install it on devices)")
     return 0

@@ -1,0 +1,181 @@
+"""``sottovoce export``: build a bundle for one board from the recipes, pack it, sign it.
+
+Pipeline per target: fetch (cache) -> per-stage export/import (``StageArtifact``) -> copy into
+``OUT_DIR/<stage>/`` -> hash -> manifest -> optional signature -> deterministic ``.svb``.
+Same inputs give the same bytes: ``created`` comes from ``SOURCE_DATE_EPOCH`` or the repository's
+last commit time, never the wall clock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from edge.boards import REPO_ROOT, BoardProfile, load_board
+from edge.bundle import (
+    FORMAT_VERSION,
+    Manifest,
+    StageSpec,
+    file_entry,
+    pack_bundle,
+    write_manifest,
+)
+from export.artifact import StageArtifact
+from export.fetch import default_cache_dir, fetch_models
+from export.recipes import Recipe, default_recipes
+
+StatusFn = Callable[[str, str], None]  # (stage, message)
+
+
+@dataclass
+class ExportOptions:
+    target: str = "x86-dev"
+    out_dir: Path | None = None  # default dist/<target>
+    svb: Path | None = None  # default dist/<target>.svb
+    cache: Path | None = None
+    workdir: Path | None = None  # default CACHE/export
+    sign_key: Path | None = None
+    llm: Path | None = None  # a local HF causal-LM directory instead of the recipe
+    version: str = "1"
+    quantize: bool = True  # follow the board's per-stage quantization
+    fallback_float: bool = False
+
+
+@dataclass
+class StageReport:
+    stage: str
+    kind: str
+    scheme: str
+    size_bytes: int
+    float_bytes: int | None
+    drift: dict
+    gate: str  # passed | failed | n/a
+    seconds: float
+
+
+@dataclass
+class ExportResult:
+    manifest: Manifest
+    out_dir: Path
+    svb: Path
+    stages: list[StageReport] = field(default_factory=list)
+
+
+def created_timestamp() -> str:
+    """Deterministic creation time: ``SOURCE_DATE_EPOCH``, else the last commit time, else 0."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        try:
+            epoch = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%ct"], capture_output=True,
+                                   text=True, timeout=10).stdout.strip() or "0"
+        except (OSError, subprocess.TimeoutExpired):
+            epoch = "0"
+    return datetime.fromtimestamp(int(epoch), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def toolchain_versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("sottovoce", "onnxruntime", "onnx", "torch", "transformers", "optimum-onnx", "nncf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _export_stage(recipe: Recipe, profile: BoardProfile, opts: ExportOptions, cache: Path, workdir: Path,
+                  status: StatusFn) -> StageArtifact:
+    from export import prebuilt
+
+    if recipe.stage == "vad":
+        return prebuilt.import_vad(recipe, cache)
+    if recipe.stage == "asr" and recipe.kind == "moonshine":
+        return prebuilt.import_moonshine(recipe, cache)
+    if recipe.stage == "tts" and recipe.kind == "kokoro":
+        return prebuilt.import_kokoro(recipe, cache)
+    if recipe.stage == "llm":
+        from export.llm import export_llm
+
+        scheme = profile.section("quantization").get("llm", "none") if opts.quantize else "none"
+        return export_llm(opts.llm or recipe, workdir=workdir / "llm", quantization=scheme,
+                          progress=lambda msg: status("llm", msg))
+    raise NotImplementedError(f"no exporter for {recipe.stage}/{recipe.kind}")
+
+
+def _place(artifact: StageArtifact, out_dir: Path) -> StageSpec:
+    """Copy an artifact's files into ``out_dir/<stage>/`` and describe them in a ``StageSpec``."""
+    stage_dir = out_dir / artifact.stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, src in sorted(artifact.files.items()):
+        dst = stage_dir / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime_ns < src.stat().st_mtime_ns:
+            shutil.copyfile(src, dst)
+        entries.append(file_entry(out_dir, f"{artifact.stage}/{name}"))
+    config = dict(artifact.config)
+    config["files"] = {role: f"{artifact.stage}/{name}" for role, name in sorted(artifact.roles.items())}
+    return StageSpec(
+        kind=artifact.kind, runtime=artifact.runtime, files=entries, sample_rate=artifact.sample_rate,
+        inputs=artifact.inputs, outputs=artifact.outputs, quantization=artifact.quantization, drift=artifact.drift,
+        license=artifact.license, source=artifact.source, config=config,
+    )
+
+
+def build_bundle(opts: ExportOptions, status: StatusFn | None = None) -> ExportResult:
+    """Export every default stage for ``opts.target``, write the bundle dir and the packed ``.svb``."""
+    status = status or (lambda stage, msg: None)
+    profile = load_board(opts.target)
+    private_key = None
+    if opts.sign_key:  # fail fast on a bad key, before minutes of export
+        from export.signing import load_private_key
+
+        private_key = load_private_key(opts.sign_key)
+    cache = opts.cache or default_cache_dir()
+    workdir = opts.workdir or cache / "export"
+    out_dir = opts.out_dir or REPO_ROOT / "dist" / opts.target
+    svb = opts.svb or out_dir.with_suffix(".svb")
+    status("fetch", "checking model cache")
+    fetch_models(None, cache)
+    recipes = {r.stage: r for r in default_recipes()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages: dict[str, StageSpec] = {}
+    reports = []
+    for stage in ("vad", "asr", "llm", "tts"):
+        recipe = recipes[stage]
+        status(stage, f"exporting {recipe.name}")
+        t0 = time.perf_counter()
+        artifact = _export_stage(recipe, profile, opts, cache, workdir, status)
+        spec = _place(artifact, out_dir)
+        stages[stage] = spec
+        gate = artifact.drift.get("gate", "n/a")
+        reports.append(StageReport(stage, spec.kind, spec.quantization.get("scheme", "none"),
+                                   sum(f.size for f in spec.files), artifact.quantization.get("float_bytes"),
+                                   artifact.drift, gate if isinstance(gate, str) else "n/a",
+                                   time.perf_counter() - t0))
+        status(stage, "done")
+    named = {e.path for s in stages.values() for e in s.files}
+    for path in sorted(out_dir.rglob("*")):
+        rel = path.relative_to(out_dir).as_posix()
+        if path.is_file() and rel != "manifest.json" and rel not in named:
+            path.unlink()
+    manifest = Manifest(
+        format=FORMAT_VERSION, bundle_id="", version=opts.version, created=created_timestamp(),
+        target=profile.to_manifest(), toolchain=toolchain_versions(), stages=stages,
+    )
+    manifest.bundle_id = manifest.compute_bundle_id()
+    if private_key is not None:
+        from export.signing import sign_manifest
+
+        sign_manifest(manifest, private_key)
+    write_manifest(out_dir, manifest)
+    status("pack", f"packing {svb.name}")
+    pack_bundle(out_dir, svb)
+    return ExportResult(manifest, out_dir, svb, reports)
