@@ -92,6 +92,9 @@ class Manifest:
     stages: dict[str, StageSpec]
     signature: dict[str, Any] | None = None
     version: str = "0"
+    #: the JSON object as read from disk; signatures cover *it*, not our re-serialization, so a
+    #: field this runtime does not know about is still covered
+    raw: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, *, with_signature: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -126,6 +129,7 @@ class Manifest:
                 toolchain=data.get("toolchain", {}),
                 stages=stages,
                 signature=data.get("signature"),
+                raw=data,
             )
         except (KeyError, TypeError) as exc:
             raise BundleError(f"manifest.json is malformed: missing or wrong field {exc}") from exc
@@ -139,8 +143,10 @@ class Manifest:
         return [seen[p] for p in sorted(seen)]
 
     def canonical_bytes(self) -> bytes:
-        """The bytes a signature covers: the manifest without ``signature``, canonical JSON."""
-        return canonical_json(self.to_dict(with_signature=False))
+        """The bytes a signature covers: the manifest as read (or built) without ``signature``, canonical JSON."""
+        data = dict(self.raw) if self.raw is not None else self.to_dict(with_signature=False)
+        data.pop("signature", None)
+        return canonical_json(data)
 
     def compute_bundle_id(self) -> str:
         """Content hash of the manifest (minus id and signature): same content, same id."""

@@ -60,6 +60,7 @@ def load_private_key(path: Path):
 def sign_manifest(manifest: Manifest, private_key) -> Manifest:
     """Set ``manifest.signature`` to an ed25519 signature over its canonical bytes; returns it."""
     manifest.signature = None
+    manifest.raw = None
     value = private_key.sign(manifest.canonical_bytes())
     manifest.signature = {
         "algorithm": "ed25519",
