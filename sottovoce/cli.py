@@ -17,6 +17,7 @@ parts:
   models fetch, export, keys, bundle    workstation toolchain (export/)
   run, edge serve, edge install          board runtime (edge/)
   flash, devices                         host tool (host/)
+  demo                                   all of it: export, flash a virtual device, answer a spoken question
 
 Run `sottovoce COMMAND --help` for the options of one command.
 """
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register(sub)
     edge_cli.register(sub)
     host_cli.register(sub)
+    from sottovoce import demo
+
+    demo.register(sub)
     return parser
 
 
