@@ -112,6 +112,7 @@ class VoiceLoop:
         self._active: _Turn | None = None  # the turn whose reply is in flight
         self._active_lock = threading.Lock()
         self._speaking = threading.Event()  # the device is playing reply audio
+        self._realtime = False
 
     # ------------------------------------------------------------------ plumbing
 
@@ -123,6 +124,16 @@ class VoiceLoop:
                 q.put(item, timeout=_POLL_S)
                 return
             except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue) -> object:
+        """Next item, or ``_STOP`` as soon as another stage has failed (so no worker hangs)."""
+        while True:
+            if self._failed.is_set():
+                return _STOP
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
                 continue
 
     def _worker(self, name: str, body: Callable[[], None]) -> threading.Thread:
@@ -147,6 +158,7 @@ class VoiceLoop:
         Raises the first error a stage hit (after stopping the others).
         """
         cfg = self.config
+        self._realtime = bool(getattr(source, "realtime", False))
         asr_q: queue.Queue = queue.Queue(maxsize=cfg.queue_frames)
         llm_q: queue.Queue = queue.Queue(maxsize=4)
         tts_q: queue.Queue = queue.Queue(maxsize=32)
@@ -170,10 +182,7 @@ class VoiceLoop:
                 except RuntimeError:
                     pass
             for t in threads:
-                while t.is_alive():
-                    t.join(timeout=_POLL_S)
-                    if self._failed.is_set():
-                        break
+                t.join()
             source.close()
         if self._error is not None:
             raise self._error
@@ -262,22 +271,24 @@ class VoiceLoop:
         samples = 0
         next_partial = interval
         while True:
-            kind, turn, frame = asr_q.get()
-            if kind is _STOP or isinstance(kind, _Stop):
+            item = self._get(asr_q)
+            if isinstance(item, _Stop):
                 self._put(llm_q, _STOP)
                 return
+            kind, turn, frame = item
             if kind == "start":
                 segment, samples, next_partial = [], 0, interval
             elif kind == "audio":
                 segment.append(int16_to_float(frame.samples))
                 samples += len(frame.samples)
-                if samples >= next_partial and asr_q.qsize() < 8:
+                # live input: skip a partial when the ASR lags (the final matters more); files: always
+                if samples >= next_partial and (not self._realtime or asr_q.qsize() < 8):
                     next_partial = samples + interval
                     audio = np.concatenate(segment)
                     t0 = time.perf_counter()
                     text = asr.transcribe(audio).strip()
                     spent = time.perf_counter() - t0
-                    at_s = turn.record.speech_start_s + samples / SAMPLE_RATE
+                    at_s = frame.end_s
                     if text:
                         turn.record.partials.append({"text": text, "at_s": at_s, "compute_ms": spent * 1000})
                         self.on_event("partial", {"turn": turn.id, "text": text})
@@ -303,7 +314,7 @@ class VoiceLoop:
     def _llm_worker(self, llm_q: queue.Queue, tts_q: queue.Queue) -> None:
         llm = self.stages.llm
         while True:
-            turn = llm_q.get()
+            turn = self._get(llm_q)
             if isinstance(turn, _Stop):
                 self._put(tts_q, _STOP)
                 return
@@ -350,7 +361,7 @@ class VoiceLoop:
     def _tts_worker(self, tts_q: queue.Queue, out_q: queue.Queue) -> None:
         tts = self.stages.tts
         while True:
-            item = tts_q.get()
+            item = self._get(tts_q)
             if isinstance(item, _Stop):
                 self._put(out_q, _STOP)
                 return
@@ -376,7 +387,7 @@ class VoiceLoop:
     def _output_worker(self, out_q: queue.Queue, sink: AudioSink) -> None:
         wrote_any = False
         while True:
-            item = out_q.get()
+            item = self._get(out_q)
             if isinstance(item, _Stop):
                 return
             kind, turn, payload = item
