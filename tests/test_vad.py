@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from edge.audio import FRAME_SAMPLES, float_to_int16
-from edge.bundle import FileEntry, StageSpec
 from edge.errors import AudioInputError
 from edge.stages.base import VoiceActivityDetector
 from edge.stages.vad import SileroVad, load_vad
-from export.recipes import load_recipe
 from tests.speech import espeak, silence
+from tests.stage_bundle import bundle_stage
 
 pytestmark = pytest.mark.models
-
-
-def bundle_stage(tmp_path: Path, cache: Path, recipe_name: str, stage: str) -> tuple[StageSpec, Path]:
-    """A bundle-shaped directory (``ROOT/STAGE/NAME`` + a ``StageSpec`` naming the files by role) that
-    links the fetched model files of ``recipe_name``."""
-    recipe = load_recipe(recipe_name)
-    (tmp_path / stage).mkdir()
-    files, roles = [], {}
-    for f in recipe.files:
-        if not f.in_bundle:
-            continue
-        rel = f"{stage}/{f.name}"
-        os.symlink(cache / "models" / recipe.name / f.name, tmp_path / rel)
-        files.append(FileEntry(rel, f.sha256, f.size))
-        roles[f.role] = rel
-    spec = StageSpec(kind=recipe.kind, runtime="onnxruntime", files=files, sample_rate=recipe.sample_rate,
-                     config={"files": roles})
-    return spec, tmp_path
 
 
 @pytest.fixture(scope="module")
