@@ -11,7 +11,7 @@ from edge.errors import ModelFileError
 from edge.stages.base import SpeechRecognizer
 from edge.stages.moonshine import BinTokenizer, MoonshineRecognizer, load_asr
 from export.fetch import model_file
-from tests.eval import corpus_wer, load_eval_set, normalize, synthesize, wer
+from tests.eval import corpus_wer, evaluate, load_eval_set, normalize, synthesize, wer
 from tests.stage_bundle import bundle_stage
 
 pytestmark = pytest.mark.models
@@ -106,10 +106,11 @@ def test_wer_on_the_eval_subset_stays_under_the_measured_bounds(asr, espeak_avai
     }
     results = {}
     for name, cond in conditions.items():
-        pairs = [(u.text, asr.transcribe(synthesize(u, **cond))) for u in utterances]
-        results[name] = corpus_wer(pairs)
-        wrong = [f"{r!r} -> {h!r}" for r, h in pairs if wer(r, h) > 0]
-        print(f"\nWER {name}: {results[name]:.3f} over {len(pairs)} utterances" + "".join(f"\n  {w}" for w in wrong))
+        res = evaluate(asr.transcribe, utterances, **cond)
+        results[name] = res.wer
+        wrong = [f"{r!r} -> {h!r}" for r, h in res.pairs if wer(r, h) > 0]
+        print(f"\nWER {name}: {res.wer:.3f} over {len(res.pairs)} utterances (RTF {res.rtf:.3f})"
+              + "".join(f"\n  {w}" for w in wrong))
     assert results["en-us"] <= CLEAN_WER_BOUND
     assert results["en-us+f3"] <= CLEAN_WER_BOUND
     assert results["en-us 20dB SNR"] <= NOISY_WER_BOUND
