@@ -55,9 +55,9 @@ def bench_vad(target: str, cache: Path, work: Path) -> dict:
     d = art.drift
     return {"stage": "vad", "shipped": art.quantization["scheme"], "float_bytes": d["float_bytes"],
             "int8_bytes": d["int8_bytes"], "shipped_bytes": sum(p.stat().st_size for p in art.files.values()),
-            "drift": f"F1 {d['frame_f1_vs_float']:.4f}", "float_ms": d["float_ms_per_frame"],
-            "int8_ms": d["int8_ms_per_frame"], "unit": "ms/32 ms frame",
-            "note": art.quantization.get("reason", art.quantization.get("verdict", ""))}
+            "drift": f"F1 {d['frame_f1_vs_float']:.4f}", "float_ms": art.report["float_ms_per_frame"],
+            "int8_ms": art.report["int8_ms_per_frame"], "unit": "ms/32 ms frame",
+            "note": art.quantization.get("reason", art.report.get("verdict", ""))}
 
 
 def bench_wake(cache: Path) -> dict:

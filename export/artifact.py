@@ -28,3 +28,6 @@ class StageArtifact:
     license: str = ""
     source: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # kind-specific runtime settings (JSON-ready)
+    #: wall-clock measurements (latency, speed verdicts) for the export report and benchmarks; never written to
+    #: the manifest, so that the same inputs always give the same bundle bytes
+    report: dict[str, Any] = field(default_factory=dict)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge.boards import REPO_ROOT, BoardProfile, load_board
+from edge.errors import ConfigError
 from edge.bundle import (
     FORMAT_VERSION,
     Manifest,
@@ -29,7 +30,9 @@ from edge.bundle import (
 )
 from export.artifact import StageArtifact
 from export.fetch import default_cache_dir, fetch_models
-from export.recipes import Recipe, default_recipes
+from export.recipes import Recipe, default_recipes, load_recipe
+
+STAGE_ORDER = ("vad", "asr", "llm", "tts", "wake")
 
 StatusFn = Callable[[str, str], None]  # (stage, message)
 
@@ -46,6 +49,7 @@ class ExportOptions:
     version: str = "1"
     quantize: bool = True  # follow the board's per-stage quantization
     fallback_float: bool = False
+    wake: str | None = None  # optional wake-word recipe to include (e.g. "microwakeword")
 
 
 @dataclass
@@ -58,6 +62,7 @@ class StageReport:
     drift: dict
     gate: str  # passed | failed | n/a
     seconds: float
+    measured: dict = field(default_factory=dict)  # wall-clock figures (not in the manifest)
 
 
 @dataclass
@@ -91,22 +96,42 @@ def toolchain_versions() -> dict[str, str]:
 
 
 def _export_stage(recipe: Recipe, profile: BoardProfile, opts: ExportOptions, cache: Path, workdir: Path,
-                  status: StatusFn) -> StageArtifact:
-    from export import prebuilt
-
+                  status: StatusFn, *, quantize: bool) -> StageArtifact:
+    """Run the exporter of one stage (``quantize`` False ships it in float)."""
     if recipe.stage == "vad":
-        return prebuilt.import_vad(recipe, cache)
+        from export.vad import export_vad
+
+        return export_vad(recipe, cache, profile, workdir, quantize=quantize)
     if recipe.stage == "asr" and recipe.kind == "moonshine":
+        from export import prebuilt
+
         return prebuilt.import_moonshine(recipe, cache)
     if recipe.stage == "tts" and recipe.kind == "kokoro":
-        return prebuilt.import_kokoro(recipe, cache)
+        from export.tts import export_tts
+
+        return export_tts(recipe, cache, profile, workdir / "tts")
     if recipe.stage == "llm":
         from export.llm import export_llm
 
-        scheme = profile.section("quantization").get("llm", "none") if opts.quantize else "none"
+        scheme = profile.section("quantization").get("llm", "none") if quantize else "none"
         return export_llm(opts.llm or recipe, workdir=workdir / "llm", quantization=scheme,
                           progress=lambda msg: status("llm", msg))
-    raise NotImplementedError(f"no exporter for {recipe.stage}/{recipe.kind}")
+    if recipe.stage == "wake":
+        from export.wake import export_wake
+
+        return export_wake(recipe, cache, profile, workdir / "wake")
+    raise ConfigError(f"no exporter for {recipe.stage}/{recipe.kind}")
+
+
+def _gate_results(artifact: StageArtifact) -> list:
+    from export.gates import GateResult
+
+    out = []
+    for g in artifact.drift.get("gates", []) or []:
+        if isinstance(g, dict) and {"metric", "value", "threshold"} <= g.keys():
+            known = GateResult.__dataclass_fields__
+            out.append(GateResult(**{k: v for k, v in g.items() if k in known}))
+    return out
 
 
 def _place(artifact: StageArtifact, out_dir: Path) -> StageSpec:
@@ -145,22 +170,40 @@ def build_bundle(opts: ExportOptions, status: StatusFn | None = None) -> ExportR
     status("fetch", "checking model cache")
     fetch_models(None, cache)
     recipes = {r.stage: r for r in default_recipes()}
+    if opts.wake:
+        fetch_models([opts.wake], cache)
+        recipes["wake"] = load_recipe(opts.wake)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, StageSpec] = {}
     reports = []
-    for stage in ("vad", "asr", "llm", "tts"):
+    failed_gates = []
+    for stage in [s for s in STAGE_ORDER if s in recipes]:
         recipe = recipes[stage]
         status(stage, f"exporting {recipe.name}")
         t0 = time.perf_counter()
-        artifact = _export_stage(recipe, profile, opts, cache, workdir, status)
+        artifact = _export_stage(recipe, profile, opts, cache, workdir, status, quantize=opts.quantize)
+        if artifact.drift.get("gate") == "failed":
+            failing = [g for g in _gate_results(artifact) if not g.passed]
+            if opts.fallback_float and artifact.quantization.get("scheme", "none") != "none":
+                why = "; ".join(g.summary() for g in failing) or "gate failed"
+                status(stage, f"gate failed ({why}); shipping float (--fallback-float)")
+                artifact = _export_stage(recipe, profile, opts, cache, workdir, status, quantize=False)
+                artifact.quantization = {**artifact.quantization, "fallback": f"int8 failed its gate: {why}"}
+            else:
+                failed_gates.extend(failing or _gate_results(artifact))
+                status(stage, "gate FAILED")
         spec = _place(artifact, out_dir)
         stages[stage] = spec
         gate = artifact.drift.get("gate", "n/a")
         reports.append(StageReport(stage, spec.kind, spec.quantization.get("scheme", "none"),
                                    sum(f.size for f in spec.files), artifact.quantization.get("float_bytes"),
                                    artifact.drift, gate if isinstance(gate, str) else "n/a",
-                                   time.perf_counter() - t0))
+                                   time.perf_counter() - t0, artifact.report))
         status(stage, "done")
+    if failed_gates:
+        from export.gates import GateFailed
+
+        raise GateFailed(failed_gates)
     named = {e.path for s in stages.values() for e in s.files}
     for path in sorted(out_dir.rglob("*")):
         rel = path.relative_to(out_dir).as_posix()

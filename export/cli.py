@@ -106,6 +106,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--llm", type=Path, help="a local Hugging Face causal-LM directory to use instead of the recipe")
     exp.add_argument("--float", dest="quantize", action="store_false", help="ship every stage in float (no INT8)")
     exp.add_argument("--fallback-float", action="store_true", help="ship a stage that fails its gate in float")
+    exp.add_argument("--wake", nargs="?", const="microwakeword", default=None,
+                     help="include the optional wake-word stage (default recipe: microwakeword)")
     exp.add_argument("--version", dest="bundle_version", default="1", help="bundle version string (default 1)")
     exp.add_argument("--cache", type=Path, help="model cache (default: $SOTTOVOCE_CACHE or ~/.cache/sottovoce)")
     exp.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -124,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export.builder import ExportOptions, build_bundle
 
     opts = ExportOptions(target=args.target, sign_key=args.sign_key, llm=args.llm, version=args.bundle_version,
-                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float)
+                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float, wake=args.wake)
     if args.out:
         opts.svb = args.out
         opts.out_dir = args.out.with_suffix("")
@@ -134,7 +136,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"[{stage}] {msg}", file=sys.stderr, flush=True)
 
-    result = build_bundle(opts, status)
+    try:
+        result = build_bundle(opts, status)
+    except Exception as exc:
+        from export.gates import GateFailed, gate_rows
+
+        if isinstance(exc, GateFailed) and not args.json:
+            _print_rows(gate_rows(exc.results), title="accuracy gates (export refused)")
+        raise
     m = result.manifest
     if args.json:
         print(json.dumps({
@@ -167,3 +176,15 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     else:
         print(f"private key {priv} (keep it secret), public key {pub} (install it on devices)")
     return 0
+
+
+def _print_rows(rows: list[list[str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(str(col))
+    for row in rows[1:]:
+        table.add_row(*[str(c) for c in row])
+    Console(stderr=True).print(table)

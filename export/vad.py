@@ -11,8 +11,9 @@ Steps (``export_vad``):
    (onnxruntime's static QDQ leaves recurrent ops in float);
 5. gate: frame F1 of INT8 vs float decisions at the profile's ``threshold_on`` on a separate set
    (other sentences and noise), threshold from the recipe's ``[gates] frame_f1_vs_float``;
-6. INT8 ships only if it passes the gate AND is smaller AND is not slower than float by more than
-   ``SLOWER_TOLERANCE`` on this machine; otherwise float ships and ``quantization.reason`` says why.
+6. INT8 ships only if it passes the gate AND is smaller; otherwise float ships and
+   ``quantization.reason`` says why. Latency float vs INT8 is measured and reported (``artifact.report``,
+   ``bench/export.py``) but does not decide: a wall-clock figure must not make two exports differ.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from export.quantize import ListDataReader, op_counts, optimize_offline, quantiz
 from export.recipes import Recipe
 from export.targets import vad_int8_scheme
 
-#: INT8 may be this much slower than float (timing noise on a shared machine) and still count as "not slower".
-SLOWER_TOLERANCE = 1.10
 CALIBRATION_NAME = "espeak-ng-vad-v1"
 DEFAULT_MIN_F1 = 0.98
 
@@ -187,25 +186,24 @@ def export_vad(
     ops = op_counts(candidate)
     drift = {
         "frame_f1_vs_float": gate.value,
-        "float_ms_per_frame": round(float_ms, 4),
-        "int8_ms_per_frame": round(int8_ms, 4),
         "float_bytes": float_bytes,
         "int8_bytes": int8_bytes,
         "gates": [gate.to_dict()],
-        "latency_measured_on": "this export machine, CPU provider, 1 thread",
     }
+    # timings go to the export report only: they vary run to run and would break reproducible bundles
+    timing = {"float_ms_per_frame": round(float_ms, 4), "int8_ms_per_frame": round(int8_ms, 4),
+              "latency_measured_on": "this export machine, CPU provider, 1 thread"}
     calib = {"name": CALIBRATION_NAME, "utterances": len(calibration), "frames": sum(c.frames for c in calibration)}
     reasons = []
     if not gate.passed:
         reasons.append(f"int8 F1 {gate.value:.4f} < {min_f1:g}")
     if int8_bytes >= float_bytes:
         reasons.append(f"int8 not smaller ({int8_bytes} >= {float_bytes} bytes)")
-    if int8_ms > float_ms * SLOWER_TOLERANCE:
-        reasons.append(f"int8 slower ({int8_ms:.3f} ms vs {float_ms:.3f} ms per frame)")
     if reasons:
         base.quantization = {"scheme": "none", "reason": "; ".join(reasons), "tried": scheme,
                              "float_bytes": float_bytes, "calibration": calib}
         base.drift = {**drift, "gate": "n/a", "int8_gate": "passed" if gate.passed else "failed"}
+        base.report = timing
         return base
     speed = (f"int8 faster ({float_ms / int8_ms:.2f}x)" if int8_ms < float_ms * 0.95
              else "int8 only smaller (same speed within 5 %)")
@@ -219,8 +217,8 @@ def export_vad(
                 "; LSTM weights int8, activations dynamic" if scheme.endswith("dynamic-lstm") else "; LSTM float"),
             "graph": "16 kHz branch only (8 kHz branch dropped)", "float_bytes": float_bytes,
             "calibration": calib, "ops": {k: v for k, v in sorted(ops.items()) if "Quant" in k or k in ("Conv", "LSTM")},
-            "verdict": speed,
         },
         drift={**drift, "gate": "passed"},
         license=base.license, source=base.source, config=base.config,
+        report={**timing, "verdict": speed},
     )

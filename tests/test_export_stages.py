@@ -10,7 +10,7 @@ from edge.stages.vad import load_vad
 from export.calibration import CalibrationError, speech_set
 from export.recipes import load_recipe
 from export.targets import describe_target_differences, stage_plan, tensorrt_options
-from export.vad import SLOWER_TOLERANCE, export_vad
+from export.vad import export_vad
 
 pytestmark = pytest.mark.models
 
@@ -21,14 +21,15 @@ def vad_x86(model_cache, tmp_path_factory, espeak_available):
                       tmp_path_factory.mktemp("work"), quantize=True)
 
 
-def test_export_vad_for_x86_ships_int8_only_when_gate_size_and_speed_all_favour_it(vad_x86):
-    q, d = vad_x86.quantization, vad_x86.drift
+def test_export_vad_for_x86_ships_int8_only_when_gate_and_size_favour_it(vad_x86):
+    q, d, r = vad_x86.quantization, vad_x86.drift, vad_x86.report
     print(f"\nVAD x86-dev: {q['scheme']} F1 {d['frame_f1_vs_float']:.4f}, {d['int8_bytes']} vs {d['float_bytes']} B, "
-          f"{d['int8_ms_per_frame']:.3f} vs {d['float_ms_per_frame']:.3f} ms/frame; {q.get('verdict') or q.get('reason')}")
+          f"{r['int8_ms_per_frame']:.3f} vs {r['float_ms_per_frame']:.3f} ms/frame; {r.get('verdict') or q.get('reason')}")
+    assert "int8_ms_per_frame" not in d  # timings never reach the manifest (reproducible bundles)
     assert d["float_bytes"] == 2327524 and 0 < d["int8_bytes"] < d["float_bytes"] * 0.3
     gate = d["gates"][0]
     assert gate["metric"] == "frame_f1_vs_float" and gate["threshold"] == 0.98  # from the recipe's [gates]
-    favourable = gate["passed"] and d["int8_ms_per_frame"] <= d["float_ms_per_frame"] * SLOWER_TOLERANCE
+    favourable = gate["passed"]
     if favourable:
         assert q["scheme"] == "static-qdq-s8s8+dynamic-lstm" and d["gate"] == "passed"
         assert q["calibration"]["utterances"] >= 8 and "DynamicQuantizeLSTM" in q["ops"]
