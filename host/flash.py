@@ -1,0 +1,322 @@
+"""Flash a bundle to a device over the control protocol (``sottovoce flash``).
+
+The host sends ``flash.begin`` (size, sha256) and continues from the offset the device answers
+(0, or where an earlier, interrupted run stopped), streams ``flash.chunk``s with a small window in
+flight (large chunks on TCP, ~4 KiB frames on serial), rewinds when the device reports a gap,
+reconnects a bounded number of times when the link drops, then ``flash.commit``: the device
+answers with the sha256 it computed, which must equal the host's (verify-after-write). With
+``activate`` the device then boots the new slot and answers the health verdict.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from edge.bundle import read_packed_manifest
+from edge.errors import SottovoceError
+from edge.protocol import (
+    FLASH_BEGIN,
+    FLASH_CHUNK,
+    FLASH_COMMIT,
+    HELLO,
+    PROTOCOL_VERSION,
+    SLOT_ACTIVATE,
+    STATUS,
+    AuthError,
+    Link,
+    LinkClosed,
+    LinkTimeout,
+    Message,
+    RemoteError,
+    SerialLink,
+    TcpLink,
+    auth_mac,
+)
+
+Progress = Callable[[int, int], None]
+
+
+class FlashFailed(SottovoceError):
+    """Flashing a device failed; the message says why in one line."""
+
+    code = "flash.failed"
+
+
+class ReplyLost(SottovoceError):
+    """A later reply arrived first: the device never answered this request (its frame was lost)."""
+
+    code = "link.lost"
+
+
+def open_link(url: str, timeout: float = 5.0) -> Link:
+    """Open ``tcp://host:port`` as a TCP link, anything else as a pyserial URL (``/dev/ttyACM0``, ``socket://h:p``)."""
+    if url.startswith("tcp://"):
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        except (OSError, ValueError) as exc:
+            raise LinkClosed(f"cannot connect to {url}: {exc}") from exc
+        return TcpLink(sock)
+    import serial
+
+    try:
+        port = serial.serial_for_url(url, baudrate=921600, timeout=0.1, write_timeout=30)
+    except (serial.SerialException, ValueError) as exc:
+        raise LinkClosed(f"cannot open {url}: {exc}") from exc
+    try:
+        port.reset_input_buffer()
+    except Exception:  # noqa: BLE001 - socket:// ports may not support it
+        pass
+    return SerialLink(port, name=url)
+
+
+class DeviceClient:
+    """Requests over one link: ``request`` waits for the answer; ``send``/``wait`` pipeline several."""
+
+    def __init__(self, link: Link, url: str = "") -> None:
+        self.link = link
+        self.url = url
+        self._next = random.randint(1, 1 << 30)
+        self._early: dict[int, Message] = {}
+        self.info: dict[str, Any] = {}
+
+    def send(self, type_: str, data: dict[str, Any] | None = None, payload: bytes = b"") -> int:
+        """Send one request; return its id."""
+        mid = self._next
+        self._next += 1
+        self.link.send(Message(type_, mid, data or {}, payload))
+        return mid
+
+    def wait(self, mid: int, timeout: float = 10.0) -> Message:
+        """The answer to request ``mid``; ``RemoteError`` if it is an ``error``, ``ReplyLost`` if a later one came first."""
+        deadline = time.monotonic() + timeout
+        while mid not in self._early:
+            if any(k > mid for k in self._early):
+                raise ReplyLost(f"request {mid} got no answer (frame lost on the link)")
+            msg = self.link.recv(timeout=max(0.01, deadline - time.monotonic()))
+            if msg.id is None or msg.id < mid - (1 << 20):
+                continue  # an event, or stale bytes from an earlier session
+            self._early[msg.id] = msg
+        msg = self._early.pop(mid)
+        for k in [k for k in self._early if k < mid]:
+            del self._early[k]
+        if msg.type == "error":
+            raise RemoteError(str(msg.data.get("code", "error")), str(msg.data.get("message", "device error")),
+                              msg.data)
+        return msg
+
+    def request(self, type_: str, data: dict[str, Any] | None = None, payload: bytes = b"",
+                timeout: float = 10.0) -> Message:
+        return self.wait(self.send(type_, data, payload), timeout)
+
+    def hello(self, token: str | None) -> dict[str, Any]:
+        """Say hello (answering the HMAC challenge with ``token`` when the device asks); return the device info."""
+        reply = self.request(HELLO, {"version": PROTOCOL_VERSION, "client": "sottovoce-host"})
+        if reply.data.get("authenticated") is False:
+            challenge = str(reply.data.get("challenge", ""))
+            if not token:
+                raise AuthError(f"{self.url} requires a token (give --token)")
+            try:
+                reply = self.request(HELLO, {"version": PROTOCOL_VERSION, "client": "sottovoce-host",
+                                             "challenge": challenge, "mac": auth_mac(token, challenge)})
+            except RemoteError as exc:
+                raise AuthError(f"{self.url} refused the token: {exc}") from exc
+        self.info = dict(reply.data)
+        return self.info
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request(STATUS).data)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+def connect(url: str, token: str | None = None, timeout: float = 5.0) -> DeviceClient:
+    """Open the link and say hello; the client is ready for requests."""
+    client = DeviceClient(open_link(url, timeout), url)
+    try:
+        for attempt in range(3):
+            try:
+                client.hello(token)
+                return client
+            except (LinkTimeout, ReplyLost):
+                if attempt == 2:
+                    raise
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class FlashResult:
+    """What a successful flash did."""
+
+    url: str
+    bundle_id: str
+    slot: str
+    sha256: str
+    size: int
+    sent_bytes: int
+    seconds: float
+    resumed_from: int
+    verdict: dict[str, Any] | None = None
+    reconnects: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.sent_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _send_chunks(client: DeviceClient, fh, size: int, start: int, chunk: int, window: int,
+                 progress: Progress | None, reply_timeout: float) -> int:
+    """Stream ``[start, size)`` with ``window`` chunks in flight; return the bytes sent (resends included).
+
+    The device answers each chunk with the next offset it expects; a gap (lost or reordered chunk)
+    comes back as ``flash.offset`` with ``expected``: the host drains what is in flight and
+    rewinds there. A missing reply followed by a later one is skipped (the later one tells).
+    """
+    offset = start  # next byte to send
+    acked = start  # the device's latest reported offset
+    sent = 0
+    inflight: collections.deque[int] = collections.deque()
+    while acked < size:
+        while offset < size and len(inflight) < window:
+            fh.seek(offset)
+            data = fh.read(min(chunk, size - offset))
+            inflight.append(client.send(FLASH_CHUNK, {"offset": offset}, data))
+            offset += len(data)
+            sent += len(data)
+        if not inflight:
+            offset = acked
+            continue
+        try:
+            acked = int(client.wait(inflight.popleft(), reply_timeout).data["offset"])
+        except ReplyLost:
+            continue
+        except RemoteError as exc:
+            if exc.code != "flash.offset" or exc.data.get("expected") is None:
+                raise
+            acked = int(exc.data["expected"])
+            while inflight:
+                try:
+                    acked = int(client.wait(inflight.popleft(), reply_timeout).data["offset"])
+                except RemoteError as later:
+                    if later.data.get("expected") is not None:
+                        acked = int(later.data["expected"])
+                except ReplyLost:
+                    pass
+            offset = acked
+        if progress:
+            progress(acked, size)
+    return sent
+
+
+def flash_bundle(
+    svb: Path,
+    url: str,
+    *,
+    token: str | None = None,
+    activate: bool = True,
+    progress: Progress | None = None,
+    reconnects: int = 3,
+    activate_timeout: float = 900.0,
+    log: Callable[[str], None] | None = None,
+) -> FlashResult:
+    """Land ``svb`` on the device at ``url`` and (by default) boot it; raise ``FlashFailed`` with a one-line reason.
+
+    Promises: returns only when the device has reported the same sha256 the host computed and,
+    with ``activate``, a *good* health verdict for the new slot. A dropped link is reconnected up
+    to ``reconnects`` times, continuing from the device's offset; a re-run of an interrupted flash
+    continues too. A digest mismatch (corruption in transit) restarts the transfer once.
+    """
+    svb = Path(svb)
+    say = log or (lambda _m: None)
+    try:
+        manifest = read_packed_manifest(svb)
+    except SottovoceError as exc:
+        raise FlashFailed(f"{svb} is not a flashable bundle: {exc}") from exc
+    size = svb.stat().st_size
+    digest = sha256_of(svb)
+    t0 = time.monotonic()
+    sent_total = 0
+    resumed_from: int | None = None
+    drops = 0
+    digest_retries = 1
+    client: DeviceClient | None = None
+    commit: Message | None = None
+    try:
+        with open(svb, "rb") as fh:
+            while commit is None:
+                try:
+                    if client is None:
+                        client = connect(url, token)
+                    link_kind = client.link.kind
+                    reply_timeout = 10.0 if link_kind == "tcp" else 3.0
+                    begin = client.request(FLASH_BEGIN, {"size": size, "sha256": digest,
+                                                         "bundle_id": manifest.bundle_id}, timeout=60)
+                    start = int(begin.data["offset"])
+                    if resumed_from is None:
+                        resumed_from = start
+                        if start:
+                            say(f"resuming at {start} of {size} bytes")
+                    chunk = int(begin.data.get("chunk") or (256 * 1024 if link_kind == "tcp" else 4096))
+                    window = int(begin.data.get("window") or 4)
+                    if progress:
+                        progress(start, size)
+                    sent_total += _send_chunks(client, fh, size, start, chunk, window, progress, reply_timeout)
+                    commit = client.request(FLASH_COMMIT, timeout=600)
+                except RemoteError as exc:
+                    if exc.code == "flash.digest" and digest_retries > 0:
+                        digest_retries -= 1
+                        say(f"device found a corrupted transfer ({exc}); sending again")
+                        continue
+                    raise
+                except (LinkClosed, LinkTimeout, ReplyLost) as exc:
+                    drops += 1
+                    if drops > reconnects:
+                        raise FlashFailed(f"link to {url} lost {drops} times, last: {exc}; "
+                                          "re-run the same command to continue where it stopped") from exc
+                    say(f"link lost ({exc}); reconnecting ({drops}/{reconnects})")
+                    if client is not None:
+                        client.close()
+                        client = None
+                    time.sleep(min(2.0, 0.2 * drops))
+        if commit.data.get("sha256") != digest:
+            raise FlashFailed(f"device computed sha256 {commit.data.get('sha256')} but the bundle is {digest}")
+        result = FlashResult(url, manifest.bundle_id, str(commit.data["slot"]), digest, size, sent_total,
+                             time.monotonic() - t0, resumed_from or 0, reconnects=drops)
+        say(f"device verified sha256 {digest[:16]}… and installed slot {result.slot}")
+        if activate:
+            assert client is not None
+            say(f"activating slot {result.slot}: the device runs its health check")
+            try:
+                result.verdict = dict(client.request(SLOT_ACTIVATE, {"slot": result.slot},
+                                                     timeout=activate_timeout).data)
+            except (LinkClosed, LinkTimeout) as exc:
+                raise FlashFailed(f"link lost while {url} checked the new slot; run `sottovoce devices` "
+                                  f"to see its verdict ({exc})") from exc
+        return result
+    except RemoteError as exc:
+        raise FlashFailed(f"{url}: {exc} [{exc.code}]", code=exc.code) from exc
+    except AuthError as exc:
+        raise FlashFailed(str(exc), code=exc.code) from exc
+    finally:
+        if client is not None:
+            client.close()
