@@ -47,7 +47,7 @@ def phonemizer(vocab, espeak_available) -> Phonemizer:
 @pytest.fixture(scope="module")
 def kokoro(model_cache, tmp_path_factory, espeak_available) -> KokoroSynthesizer:
     spec, root = bundle_stage(tmp_path_factory.mktemp("bundle"), model_cache, "kokoro-82m", "tts")
-    spec.config.update({"voice": load_recipe("kokoro-82m").extra.get("voice", "jf_alpha"), "speed": 1.0})
+    spec.config.update({"voice": load_recipe("kokoro-82m").extra["voice"], "speed": 1.0})
     tts = load_stage("tts", spec, root, None)
     yield tts
     tts.close()
