@@ -210,6 +210,8 @@ def _expected_scalars(shape: WhisperShape) -> dict[str, int]:
 
 #: scalars that only steer CTranslate2's alignment (word timestamps); read and not needed
 _IGNORED_SCALARS = ("decoder/alignment_heads", "decoder/alignment_layer")
+#: ALiBi options newer CTranslate2 releases write even with ALiBi off; when present they must be 0
+_OPTIONAL_ZERO_SCALARS = ("decoder/alibi_use_positive_positions", "decoder/scale_alibi")
 
 
 def hf_state_dict(model: Ct2Model) -> tuple[WhisperShape, dict[str, np.ndarray]]:
@@ -236,6 +238,9 @@ def hf_state_dict(model: Ct2Model) -> tuple[WhisperShape, dict[str, np.ndarray]]
             raise ModelFileError(f"model.bin {name} = {int(w[name])}; a Whisper model has {want}")
     for name in _IGNORED_SCALARS:
         take(name)
+    for name in _OPTIONAL_ZERO_SCALARS:
+        if name in w and int(take(name)) != 0:
+            raise ModelFileError(f"model.bin {name} = {int(w[name])}; Whisper does not use ALiBi")
 
     def linear(dst: str, src: str, bias: bool = True) -> None:
         sd[f"{dst}.weight"] = take(f"{src}/weight")

@@ -6,9 +6,10 @@ Files of a ``whisper`` stage (roles): ``encoder`` (``input_features`` [B, 80, 30
 ``tokenizer`` (``tokenizer.json`` for ``tokenizers``), ``mel_filters`` (``.npy`` [201, 80] float32).
 
 What Whisper needs and this module does, with numpy only:
-- features: audio padded with zeros or trimmed to 30 s, STFT (400-sample periodic Hann, hop 160, reflect
-  padding), power spectrum, slaney mel filters, ``log10`` clamped at 1e-10, floored 8 below the maximum,
-  ``(x + 4) / 4``; the last STFT frame is dropped (3000 frames);
+- features: the first 30 s of audio, STFT (400-sample periodic Hann, hop 160, reflect padding), power
+  spectrum, slaney mel filters, ``log10`` clamped at 1e-10, floored 8 below the maximum, ``(x + 4) / 4``;
+  the audio's frames are followed by zeros up to 3000 frames, as Whisper's transcribe loop and
+  faster-whisper pad the features of a short segment (see ``log_mel``);
 - decoding: prompt ``<|startoftranscript|> <|notimestamps|>`` (English-only model: no language/task
   tokens), greedy argmax with the suppressed tokens at every step, the "begin" ones (blank, EOT) at the
   first step, every timestamp token suppressed; stops at EOT or at the token budget (bounded both by the
@@ -71,26 +72,27 @@ def mel_filters(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = N
     return weights.T.astype(np.float32)
 
 
-def pad_or_trim(audio: np.ndarray, length: int = N_SAMPLES) -> np.ndarray:
-    """``audio`` (1-D) cut to ``length`` samples or padded with zeros at the end to it."""
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    if len(audio) >= length:
-        return audio[:length]
-    return np.concatenate([audio, np.zeros(length - len(audio), dtype=np.float32)])
-
-
 def log_mel(audio: np.ndarray, filters: np.ndarray) -> np.ndarray:
-    """Whisper's log-mel features of ``audio`` (float32 16 kHz mono, padded/trimmed to 30 s):
-    [n_mels, 3000] float32, values in about [-1, 1.5]. ``filters`` is [201, n_mels]."""
-    x = pad_or_trim(audio).astype(np.float64)
+    """Whisper's log-mel features of ``audio`` (float32 16 kHz mono; only its first 30 s are used) as
+    Whisper's own transcribe loop (and faster-whisper) makes them: [n_mels, 3000] float32.
+
+    The audio gets ``HOP`` zero samples appended, the power spectrogram goes through the mel ``filters``
+    ([201, n_mels]), ``log10`` is clamped at 1e-10 and floored 8 below its maximum over the audio's own
+    frames, scaled as ``(x + 4) / 4``; the ``len(audio) // 160`` frames of the audio are kept and the rest of
+    the 30 s window is zeros in feature space (not the features of silence)."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)[:N_SAMPLES]
+    content = len(audio) // HOP
+    out = np.zeros((N_FRAMES, filters.shape[1]), dtype=np.float32)
+    if content == 0:
+        return out.T.copy()
+    x = np.pad(audio.astype(np.float64), (0, max(HOP, N_FFT - len(audio))))
     x = np.pad(x, N_FFT // 2, mode="reflect")
     window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
-    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP][:N_FRAMES]
-    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [3000, 201]
-    mel = power @ np.asarray(filters, dtype=np.float64)
-    logs = np.log10(np.maximum(mel, 1e-10))
-    logs = np.maximum(logs, logs.max() - 8.0)
-    return ((logs + 4.0) / 4.0).T.astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP][:content]
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # [content, 201]
+    logs = np.log10(np.maximum(power @ np.asarray(filters, dtype=np.float64), 1e-10))
+    out[:content] = (np.maximum(logs, logs.max() - 8.0) + 4.0) / 4.0
+    return out.T.copy()
 
 
 # ---------------------------------------------------------------------------------------- decoding rules
