@@ -59,6 +59,21 @@ CLAUSE_PUNCT = ",;:!?.…—()\"“”"
 _OPENERS = "(\"“"
 
 
+_CURRENCY = re.compile(r"([$€£])\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
+_CURRENCY_NAMES = {"$": "dollar", "€": "euro", "£": "pound"}
+
+
+def spell_currency(text: str) -> str:
+    """Move a currency sign after its amount as a word ("$5" -> "5 dollars", "£1" -> "1 pound"):
+    espeak-ng would otherwise read "$5" as "dollar five"."""
+
+    def word(m: re.Match[str]) -> str:
+        amount, name = m.group(2), _CURRENCY_NAMES[m.group(1)]
+        return f"{amount} {name}" + ("" if amount == "1" else "s")
+
+    return _CURRENCY.sub(word, text)
+
+
 class PhonemizerError(SottovoceError):
     """espeak-ng is missing, died, or did not answer."""
 
@@ -282,7 +297,7 @@ class Phonemizer:
     def phonemize(self, text: str) -> str:
         """Kokoro symbols for ``text``: words via espeak-ng, clause punctuation kept; '' for no words."""
         out: list[str] = []
-        pieces = split_clause_punctuation(text)
+        pieces = split_clause_punctuation(spell_currency(text))
         ipas = self.espeak.ipa_many([words for _, words, _ in pieces])
         if not any(ipas):
             return ""  # punctuation alone is not spoken

@@ -9,7 +9,7 @@ import pytest
 from edge.audio import SAMPLE_RATE, resample
 from edge.bundle import StageSpec
 from edge.errors import ConfigError
-from edge.phonemes import EspeakIPA, Phonemizer, ipa_to_kokoro, split_clause_punctuation
+from edge.phonemes import EspeakIPA, Phonemizer, ipa_to_kokoro, spell_currency, split_clause_punctuation
 from edge.runtime import load_stage
 from edge.stages.base import SpeechSynthesizer
 from edge.stages.espeak_tts import EspeakSynthesizer
@@ -95,6 +95,8 @@ def test_numbers_and_abbreviations_are_read_as_words(phonemizer):
     assert "θɹˈi" in ps  # "three"
     assert ps.endswith("ˈɛm.")  # "p.m." spelled out, then the full stop
     assert "pYnt" in phonemizer.phonemize("3.5")  # "three point five"
+    assert phonemizer.phonemize("It costs $5.") == phonemizer.phonemize("It costs 5 dollars.")
+    assert spell_currency("$1, £2.50 and € 3") == "1 dollar, 2.50 pounds and 3 euros"
 
 
 def test_the_long_lived_espeak_process_agrees_with_one_shot_calls_and_restarts_when_killed(vocab, espeak_available):
