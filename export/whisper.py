@@ -1,7 +1,7 @@
 """Whisper tiny.en ASR stage: CTranslate2 weights -> transformers -> ONNX (KV cache) -> optional INT8, gated.
 
-``export_whisper`` does, caching every step in ``workdir/<key>/`` (key = recipe file hashes + options +
-toolchain versions), so a second call with the same inputs does no model work:
+``export_whisper`` does, caching every step in ``workdir/<key>/`` (key = recipe file hashes + toolchain
+versions; the options name the sub-directories), so a second call with the same inputs does no model work:
 1. rebuild ``WhisperForConditionalGeneration`` from ``model.bin`` (``export.whisper_ct2``) and save a
    Hugging Face directory (weights, config, tokenizer, feature extractor);
 2. optimum's ONNX exporter, task ``automatic-speech-recognition-with-past``, offline: ``encoder_model.onnx``
@@ -66,10 +66,12 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def cache_key(recipe: Recipe, quantization: str) -> str:
-    """16 hex digits naming an export: the recipe's file hashes, the scheme and op set, the toolchain."""
-    blob = json.dumps({"files": {f.name: f.sha256 for f in recipe.files}, "scheme": quantization,
-                       "ops": list(INT8_OPS), "versions": _versions(), "v": EXPORT_VERSION}, sort_keys=True)
+def cache_key(recipe: Recipe) -> str:
+    """16 hex digits naming the export of a source: the recipe's file hashes, the toolchain versions and the
+    exporter version. The options name sub-directories below it (``onnx-float``, ``onnx-int8-<ops>``), so
+    float and int8 share the rebuilt model and the float export."""
+    blob = json.dumps({"files": {f.name: f.sha256 for f in recipe.files}, "versions": _versions(),
+                       "v": EXPORT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -240,7 +242,7 @@ def export_whisper(
     ct2_config = json.loads((ct2_dir / "config.json").read_text(encoding="utf-8"))
     tokens = special_tokens(ct2_dir / "tokenizer.json")
     config = decode_config(tokens, ct2_config)
-    work = Path(workdir or default_workdir()) / cache_key(rec, quantization)
+    work = Path(workdir or default_workdir()) / cache_key(rec)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say("rebuilding Whisper in transformers from the CTranslate2 weights")
@@ -251,7 +253,7 @@ def export_whisper(
     chosen, quant, drift, report = float_dir, {"scheme": "none", "float_bytes": float_bytes}, {"gate": "n/a"}, {}
     if quantization == "dynamic-int8":
         say("quantizing MatMul weights to int8 (dynamic, per-channel)")
-        int8_dir = quantize_int8(float_dir, work / "onnx-int8")
+        int8_dir = quantize_int8(float_dir, work / f"onnx-int8-{'-'.join(INT8_OPS).lower()}")
         int8_bytes = sum((int8_dir / n).stat().st_size for n in ("encoder_model.onnx", "decoder_model_merged.onnx"))
         gate_set = list(clips) if clips is not None else gate_clips()
         check_size(gate_set, stage="asr")
