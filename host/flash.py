@@ -116,16 +116,17 @@ class DeviceClient:
                 timeout: float = 10.0) -> Message:
         return self.wait(self.send(type_, data, payload), timeout)
 
-    def hello(self, token: str | None) -> dict[str, Any]:
+    def hello(self, token: str | None, timeout: float = 5.0) -> dict[str, Any]:
         """Say hello (answering the HMAC challenge with ``token`` when the device asks); return the device info."""
-        reply = self.request(HELLO, {"version": PROTOCOL_VERSION, "client": "sottovoce-host"})
+        reply = self.request(HELLO, {"version": PROTOCOL_VERSION, "client": "sottovoce-host"}, timeout=timeout)
         if reply.data.get("authenticated") is False:
             challenge = str(reply.data.get("challenge", ""))
             if not token:
                 raise AuthError(f"{self.url} requires a token (give --token)")
             try:
                 reply = self.request(HELLO, {"version": PROTOCOL_VERSION, "client": "sottovoce-host",
-                                             "challenge": challenge, "mac": auth_mac(token, challenge)})
+                                             "challenge": challenge, "mac": auth_mac(token, challenge)},
+                                    timeout=timeout)
             except RemoteError as exc:
                 raise AuthError(f"{self.url} refused the token: {exc}") from exc
         self.info = dict(reply.data)
@@ -138,13 +139,13 @@ class DeviceClient:
         self.link.close()
 
 
-def connect(url: str, token: str | None = None, timeout: float = 5.0) -> DeviceClient:
+def connect(url: str, token: str | None = None, timeout: float = 2.0) -> DeviceClient:
     """Open the link and say hello; the client is ready for requests."""
     client = DeviceClient(open_link(url, timeout), url)
     try:
         for attempt in range(3):
             try:
-                client.hello(token)
+                client.hello(token, timeout)
                 return client
             except (LinkTimeout, ReplyLost):
                 if attempt == 2:
@@ -268,7 +269,7 @@ def flash_bundle(
                     if client is None:
                         client = connect(url, token)
                     link_kind = client.link.kind
-                    reply_timeout = 10.0 if link_kind == "tcp" else 3.0
+                    reply_timeout = 10.0 if link_kind == "tcp" else 2.0
                     begin = client.request(FLASH_BEGIN, {"size": size, "sha256": digest,
                                                          "bundle_id": manifest.bundle_id}, timeout=60)
                     start = int(begin.data["offset"])
