@@ -83,7 +83,7 @@ class DeviceClient:
     def __init__(self, link: Link, url: str = "") -> None:
         self.link = link
         self.url = url
-        self._next = random.randint(1, 1 << 30)
+        self._next = random.randint(1, 1 << 16)  # short ids: fewer header bytes per serial frame
         self._early: dict[int, Message] = {}
         self.info: dict[str, Any] = {}
 
@@ -179,6 +179,10 @@ class FlashResult:
     verdict: dict[str, Any] | None = None
     reconnects: int = 0
     notes: list[str] = field(default_factory=list)
+    #: bytes that crossed the link for the transfer (framing, headers, acks, resends included)
+    wire_bytes_out: int = 0
+    wire_bytes_in: int = 0
+    transfer_seconds: float = 0.0
 
     @property
     def mb_per_s(self) -> float:
@@ -262,6 +266,13 @@ def flash_bundle(
     digest_retries = 1
     client: DeviceClient | None = None
     commit: Message | None = None
+    wire = [0, 0]
+    transfer_s = 0.0
+
+    def drop(c: DeviceClient) -> None:
+        wire[0] += c.link.wire_bytes_out
+        wire[1] += c.link.wire_bytes_in
+        c.close()
     try:
         with open(svb, "rb") as fh:
             while commit is None:
@@ -281,7 +292,9 @@ def flash_bundle(
                     window = int(begin.data.get("window") or 4)
                     if progress:
                         progress(start, size)
+                    t_send = time.monotonic()
                     sent_total += _send_chunks(client, fh, size, start, chunk, window, progress, reply_timeout)
+                    transfer_s += time.monotonic() - t_send
                     commit = client.request(FLASH_COMMIT, timeout=600)
                 except RemoteError as exc:
                     if exc.code == "flash.digest" and digest_retries > 0:
@@ -296,13 +309,16 @@ def flash_bundle(
                                           "re-run the same command to continue where it stopped") from exc
                     say(f"link lost ({exc}); reconnecting ({drops}/{reconnects})")
                     if client is not None:
-                        client.close()
+                        drop(client)
                         client = None
                     time.sleep(min(2.0, 0.2 * drops))
         if commit.data.get("sha256") != digest:
             raise FlashFailed(f"device computed sha256 {commit.data.get('sha256')} but the bundle is {digest}")
         result = FlashResult(url, manifest.bundle_id, str(commit.data["slot"]), digest, size, sent_total,
-                             time.monotonic() - t0, resumed_from or 0, reconnects=drops)
+                             time.monotonic() - t0, resumed_from or 0, reconnects=drops, transfer_seconds=transfer_s)
+        assert client is not None
+        result.wire_bytes_out = wire[0] + client.link.wire_bytes_out
+        result.wire_bytes_in = wire[1] + client.link.wire_bytes_in
         say(f"device verified sha256 {digest[:16]}… and installed slot {result.slot}")
         if activate:
             assert client is not None
@@ -320,4 +336,4 @@ def flash_bundle(
         raise FlashFailed(str(exc), code=exc.code) from exc
     finally:
         if client is not None:
-            client.close()
+            drop(client)
