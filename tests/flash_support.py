@@ -71,12 +71,12 @@ class Daemon:
     """``sottovoce edge serve`` as a real subprocess; ``port_url`` is what ``sottovoce flash --port`` takes."""
 
     def __init__(self, root: Path, *, link: str = "serial", token: str = "s3cret", extra: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, allow_unsigned: bool = True) -> None:
         self.root = Path(root)
         self.link = link
         self.token = token
         cmd = [sys.executable, "-m", "sottovoce", "edge", "serve", "--root", str(self.root),
-               "--health-check", HEALTH, "--allow-unsigned"] + (extra or [])
+               "--health-check", HEALTH] + (["--allow-unsigned"] if allow_unsigned else []) + (extra or [])
         if link == "serial":
             cmd += ["--serial", "pty"]
         else:
@@ -201,3 +201,41 @@ class PtyFaultBridge:
                 os.close(fd)
             except OSError:
                 pass
+
+
+class Ser2Net:
+    """What ser2net does for a board's UART: a TCP port on 127.0.0.1 relaying raw bytes to a tty
+    (here the daemon's pty), so the host reaches it with the pyserial URL ``socket://127.0.0.1:PORT``."""
+
+    def __init__(self, tty_path: str) -> None:
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"socket://127.0.0.1:{self.srv.getsockname()[1]}"
+        self.tty_path = tty_path
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            fd = os.open(self.tty_path, os.O_RDWR | os.O_NOCTTY)
+            tty.setraw(fd)
+            try:
+                while True:
+                    r, _, _ = select.select([conn, fd], [], [], 0.2)
+                    if conn in r:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        os.write(fd, data)
+                    if fd in r:
+                        conn.sendall(os.read(fd, 65536))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+                conn.close()
+
+    def close(self) -> None:
+        self.srv.close()

@@ -145,3 +145,10 @@ def test_the_installer_builds_an_edge_only_environment_without_torch(tmp_path):
                             "import edge.daemon, edge.slots, edge.protocol, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "False" and time.monotonic() - start < 60
+
+
+def test_tcp_without_a_token_does_not_start(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sottovoce", "edge", "serve", "--root", str(tmp_path / "dev"),
+                          "--tcp", "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "SOTTOVOCE_TOKEN"})
+    assert out.returncode == 1 and "needs a pre-shared token" in out.stderr

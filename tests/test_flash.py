@@ -305,3 +305,32 @@ def test_the_real_x86_dev_bundle_flashes_over_a_pty_and_passes_the_real_health_c
     st_ = state(tmp_path / "device")
     assert st_["last_boot"]["verdict"] == "good" and bundle_dir == tmp_path / "device" / "slots" / st_["active"]
     assert (bundle_dir / "manifest.json").is_file()
+
+
+def test_a_socket_url_reaches_a_device_behind_a_serial_to_tcp_relay(tmp_path, svbs):
+    from tests.flash_support import Ser2Net
+
+    d = Daemon(tmp_path / "dev")
+    relay = Ser2Net(d.port_url)
+    try:
+        r = flash_bundle(svbs["new"], relay.url)
+        assert r.verdict["verdict"] == "good" and r.wire_bytes_out > r.size  # SLIP frames, not raw TCP messages
+    finally:
+        relay.close()
+        d.stop()
+
+
+def test_a_device_with_a_trusted_key_refuses_unsigned_bundles_and_takes_signed_ones(tmp_path):
+    from export.signing import generate_keypair
+
+    key, pub = generate_keypair(tmp_path / "keys" / "release")
+    d = Daemon(tmp_path / "dev", allow_unsigned=False, extra=["--trust", str(pub)])
+    try:
+        with pytest.raises(FlashFailed) as info:
+            flash_bundle(make_svb(tmp_path, "unsigned", size=5000), d.port_url)
+        assert info.value.code == "bundle.signature" and "not signed" in str(info.value)
+        assert connect(d.port_url).status()["active"] is None
+        r = flash_bundle(make_svb(tmp_path, "signed", size=5000, key=key), d.port_url)
+        assert r.verdict["verdict"] == "good"
+    finally:
+        d.stop()
