@@ -1,6 +1,7 @@
 """Benchmark: ASR engines on the same utterances: WER and real-time factor on this machine's CPU.
 
-Engines (each on the same synthesized audio, same thread count, one warm-up call first):
+Engines (each on the same synthesized audio, same thread count, one warm-up call first, taking turns
+clip by clip so that other load on the machine falls on all alike):
 - ``faster-whisper int8``: the peer, CTranslate2 running the shipped Whisper tiny.en weights (greedy, English,
   no timestamps); ``faster-whisper fp32`` with ``--fp32``;
 - ``whisper onnx fp32`` / ``whisper onnx int8``: our export of the same weights (``export.whisper``), run by
@@ -70,23 +71,24 @@ def moonshine_engine(threads: int, cache: Path) -> tuple[Transcribe, int]:
 
 
 def run(engines: dict[str, Transcribe], clips: list[tuple[str, str, np.ndarray]]) -> dict[str, dict]:
-    """Per engine: corpus WER per condition and overall, RTF over all clips."""
-    out = {}
-    for name, transcribe in engines.items():
+    """Per engine: corpus WER per condition and overall, RTF over all clips. The engines take turns clip by
+    clip, so load from other processes on the machine falls on all of them alike."""
+    for transcribe in engines.values():
         transcribe(clips[0][2])  # warm up
-        per_cond: dict[str, list] = {}
-        compute = audio_s = 0.0
-        for cond, text, audio in clips:
+    pairs: dict[str, dict[str, list]] = {name: {} for name in engines}
+    compute = dict.fromkeys(engines, 0.0)
+    for cond, text, audio in clips:
+        for name, transcribe in engines.items():
             t0 = time.perf_counter()
             hyp = transcribe(audio)
-            compute += time.perf_counter() - t0
-            audio_s += len(audio) / 16000
-            per_cond.setdefault(cond, []).append((text, hyp))
-        every = [p for pairs in per_cond.values() for p in pairs]
-        out[name] = {"wer": corpus_wer(every), "rtf": compute / audio_s,
-                     "wer_by_condition": {c: corpus_wer(p) for c, p in per_cond.items()},
-                     "pairs": every}
-        print(f"  {name}: WER {out[name]['wer']:.3f} RTF {out[name]['rtf']:.3f}", file=sys.stderr)
+            compute[name] += time.perf_counter() - t0
+            pairs[name].setdefault(cond, []).append((text, hyp))
+    audio_s = sum(len(a) for _, _, a in clips) / 16000
+    out = {}
+    for name in engines:
+        every = [p for cond_pairs in pairs[name].values() for p in cond_pairs]
+        out[name] = {"wer": corpus_wer(every), "rtf": compute[name] / audio_s,
+                     "wer_by_condition": {c: corpus_wer(p) for c, p in pairs[name].items()}, "pairs": every}
     return out
 
 
