@@ -270,6 +270,32 @@ def _place(src: Path, dst: Path) -> Path:
     return dst
 
 
+def float_models(*, workdir: Path | None = None, recipe: Recipe | str = RECIPE, cache: Path | None = None,
+                 progress: ProgressFn | None = None) -> tuple[Path, Path]:
+    """Steps 1-2, cached: (directory with the float ``encoder_model.onnx`` + ``decoder_model_merged.onnx``,
+    the CTranslate2 source directory). ``int8_models`` and ``export_whisper`` start from it."""
+    say = progress or (lambda _msg: None)
+    rec = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    ct2_dir = model_file(rec, "ct2-weights", cache).parent
+    work = Path(workdir or default_workdir()) / cache_key(rec)
+    work.mkdir(parents=True, exist_ok=True)
+    say("rebuilding Whisper in transformers from the CTranslate2 weights")
+    hf_dir = build_hf_dir(ct2_dir, work / "hf")
+    say("exporting ONNX encoder + merged decoder with KV cache")
+    return export_onnx(hf_dir, work / "onnx-float"), ct2_dir
+
+
+def int8_models(plan: Int8Plan, float_dir: Path) -> Path:
+    """The int8 graphs of ``plan`` (ungated, cached beside ``float_dir``)."""
+    return quantize_int8(float_dir, plan, float_dir.parent / f"onnx-int8-{plan.name}")
+
+
+def stage_config(ct2_dir: Path) -> dict[str, Any]:
+    """``decode_config`` of a CTranslate2 Whisper directory (its tokenizer and config.json)."""
+    ct2_config = json.loads((Path(ct2_dir) / "config.json").read_text(encoding="utf-8"))
+    return decode_config(special_tokens(Path(ct2_dir) / "tokenizer.json"), ct2_config)
+
+
 def export_whisper(
     out_dir: Path,
     *,
@@ -292,17 +318,10 @@ def export_whisper(
         raise ConfigError(f"whisper quantization {quantization!r} is not one of {', '.join(SCHEMES)}")
     say = progress or (lambda _msg: None)
     rec = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    ct2_dir = model_file(rec, "ct2-weights", cache).parent
-    ct2_config = json.loads((ct2_dir / "config.json").read_text(encoding="utf-8"))
-    tokens = special_tokens(ct2_dir / "tokenizer.json")
-    config = decode_config(tokens, ct2_config)
-    work = Path(workdir or default_workdir()) / cache_key(rec)
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    say("rebuilding Whisper in transformers from the CTranslate2 weights")
-    hf_dir = build_hf_dir(ct2_dir, work / "hf")
-    say("exporting ONNX encoder + merged decoder with KV cache")
-    float_dir = export_onnx(hf_dir, work / "onnx-float")
+    float_dir, ct2_dir = float_models(workdir=workdir, recipe=rec, cache=cache, progress=progress)
+    hf_dir, work = float_dir.parent / "hf", float_dir.parent
+    config = stage_config(ct2_dir)
     float_bytes = sum((float_dir / n).stat().st_size for n in ("encoder_model.onnx", "decoder_model_merged.onnx"))
     chosen, quant, drift, report = float_dir, {"scheme": "none", "float_bytes": float_bytes}, {"gate": "n/a"}, {}
     if quantization == "dynamic-int8":
@@ -318,7 +337,7 @@ def export_whisper(
         tried, gate, plan, int8_dir, q_rec = [], None, INT8_PLANS[0], float_dir, f_rec
         for plan in INT8_PLANS:
             say(f"int8 plan {plan.name}: quantizing, then WER gate (increase <= {max_inc:g} points)")
-            int8_dir = quantize_int8(float_dir, plan, work / f"onnx-int8-{plan.name}")
+            int8_dir = int8_models(plan, float_dir)
             q_rec = recognizer(int8_dir, ct2_dir, config)
             q_texts = _transcripts(q_rec, gate_set, int8_dir / f"gate-{gate_id}.json" if keep else None)
             gate = wer_gate(f_texts, q_texts, gate_set, max_inc)
