@@ -211,8 +211,7 @@ class Daemon:
             }[msg.type]
             return handler(msg, session)
         except SottovoceError as err:
-            extra = getattr(err, "extra", {})
-            return msg.error(err.code, str(err), **extra)
+            return msg.error(err.code, str(err))
         except Exception as exc:  # noqa: BLE001 - never let one request kill the link
             log.exception("internal error answering %s", msg.type)
             return msg.error("internal", f"device error while answering {msg.type}: {type(exc).__name__}: {exc}")
@@ -327,8 +326,6 @@ class Daemon:
                         log.warning("dropping TCP client %s: %s", link.peer, exc)
                         return
                     continue
-                if msg.id is None and msg.type not in ("error",):
-                    continue  # events from the host are not expected; ignore
                 reply = self.handle(msg, session)
                 link.send(reply)
         except LinkClosed as exc:
@@ -484,6 +481,10 @@ def serve(
     (root / "run").mkdir(exist_ok=True)
     atomic_write_json(root / "run" / "daemon.json", announce)
     print("sottovoce edge: " + json.dumps(announce), flush=True)
+    if "serial" in announce:
+        log.info("flash it with: sottovoce flash BUNDLE.svb --port %s", announce["serial"])
+    if "tcp" in announce:
+        log.info("flash it with: sottovoce flash BUNDLE.svb --port tcp://%s --token …", announce["tcp"])
     log.info("serving %s", announce)
     while not daemon.stopping.wait(0.5):
         pass

@@ -293,8 +293,10 @@ class SerialLink:
                         view = view[n:]
                 else:
                     self.stream.write(data)
-            except OSError as exc:
-                raise LinkClosed(f"serial link {self.peer} dropped while sending: {exc}") from exc
+            except Exception as exc:  # noqa: BLE001 - OSError, or pyserial's SerialException/SerialTimeoutException
+                if isinstance(exc, OSError) or _is_serial_error(exc):
+                    raise LinkClosed(f"serial link {self.peer} dropped while sending: {exc}") from exc
+                raise
         self.wire_bytes_out += len(data)
 
     def _read_some(self, deadline: float | None) -> bytes:
@@ -313,10 +315,8 @@ class SerialLink:
             waiting = getattr(self.stream, "in_waiting", 0)
             data = self.stream.read(max(1, min(waiting, 1 << 16)))
             return data
-        except OSError as exc:
-            raise LinkClosed(f"serial link {self.peer} dropped: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - pyserial raises SerialException (an OSError subclass on posix)
-            if type(exc).__name__ == "SerialException":
+        except Exception as exc:  # noqa: BLE001 - OSError, or pyserial's SerialException
+            if isinstance(exc, OSError) or _is_serial_error(exc):
                 raise LinkClosed(f"serial link {self.peer} dropped: {exc}") from exc
             raise
 
@@ -339,6 +339,11 @@ class SerialLink:
                 self.stream.close()
         except OSError:
             pass
+
+
+def _is_serial_error(exc: BaseException) -> bool:
+    return any(cls.__name__ in ("SerialException", "SerialTimeoutException", "PortNotOpenError")
+               for cls in type(exc).__mro__)
 
 
 def _peer_name(sock: socket.socket) -> str:

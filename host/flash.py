@@ -233,6 +233,60 @@ def _send_chunks(client: DeviceClient, fh, size: int, start: int, chunk: int, wi
     return sent
 
 
+def _patient(client: DeviceClient, type_: str, data: dict[str, Any], *, total: float, poll: float,
+             recover: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """A slow request (commit, activate) on a link that may lose its reply.
+
+    While the device is silent, a ``status`` probe is queued every ``poll`` seconds. The device
+    answers in order, so a probe's reply arriving before ours means ours was lost: ``recover``
+    then rebuilds the outcome from the device's status (or raises).
+    """
+    mid = client.send(type_, data)
+    deadline = time.monotonic() + total
+    probes: list[int] = []
+    while True:
+        try:
+            return dict(client.wait(mid, poll).data)
+        except LinkTimeout:
+            if time.monotonic() > deadline:
+                raise
+            probes.append(client.send(STATUS))
+        except ReplyLost:
+            for probe in probes:
+                try:
+                    return recover(dict(client.wait(probe, poll).data))
+                except ReplyLost:
+                    continue
+            return recover(client.status())
+
+
+def _commit_from_status(status: dict[str, Any], digest: str) -> dict[str, Any]:
+    slot = status.get("pending")
+    info = (status.get("slots") or {}).get(slot) if slot else None
+    if not info or info.get("sha256") != digest:
+        raise FlashFailed("the device's answer to flash.commit was lost and it holds no pending copy of this "
+                          "bundle (it may have refused it); re-run the same command")
+    return {"slot": slot, "sha256": info["sha256"], "bundle_id": info.get("bundle_id")}
+
+
+def _begin_from_status(status: dict[str, Any], digest: str) -> dict[str, Any]:
+    transfer = status.get("transfer") or {}
+    if transfer.get("sha256") != digest:
+        raise LinkTimeout("the device's answer to flash.begin was lost")
+    return {"offset": int(transfer["offset"])}
+
+
+def _verdict_from_status(status: dict[str, Any], slot: str) -> dict[str, Any]:
+    verdict = dict(status.get("last_boot") or {})
+    if verdict.get("tried") != slot or verdict.get("verdict") not in ("good", "bad"):
+        raise FlashFailed(f"the device's answer to slot.activate was lost and its status shows no verdict for "
+                          f"slot {slot}; run `sottovoce devices` to see it")
+    if verdict["verdict"] == "bad":
+        raise RemoteError("slot.health", f"slot {slot} failed its health check and the device stayed on slot "
+                          f"{verdict.get('active')}: {verdict.get('reason')}", {"verdict": verdict})
+    return verdict
+
+
 def flash_bundle(
     svb: Path,
     url: str,
@@ -265,7 +319,7 @@ def flash_bundle(
     drops = 0
     digest_retries = 1
     client: DeviceClient | None = None
-    commit: Message | None = None
+    commit: dict[str, Any] | None = None
     wire = [0, 0]
     transfer_s = 0.0
 
@@ -278,24 +332,32 @@ def flash_bundle(
             while commit is None:
                 try:
                     if client is None:
-                        client = connect(url, token)
+                        try:
+                            client = connect(url, token)
+                        except (LinkClosed, LinkTimeout) as exc:
+                            if drops == 0:  # never reached it: no point in retrying
+                                raise FlashFailed(f"cannot reach a device at {url}: {exc}") from exc
+                            raise
                     link_kind = client.link.kind
                     reply_timeout = 10.0 if link_kind == "tcp" else 2.0
-                    begin = client.request(FLASH_BEGIN, {"size": size, "sha256": digest,
-                                                         "bundle_id": manifest.bundle_id}, timeout=60)
-                    start = int(begin.data["offset"])
+                    begin = _patient(client, FLASH_BEGIN, {"size": size, "sha256": digest,
+                                                           "bundle_id": manifest.bundle_id},
+                                     total=120, poll=reply_timeout + 1,
+                                     recover=lambda st: _begin_from_status(st, digest))
+                    start = int(begin["offset"])
                     if resumed_from is None:
                         resumed_from = start
                         if start:
                             say(f"resuming at {start} of {size} bytes")
-                    chunk = int(begin.data.get("chunk") or (256 * 1024 if link_kind == "tcp" else 4096))
-                    window = int(begin.data.get("window") or 4)
+                    chunk = int(begin.get("chunk") or (256 * 1024 if link_kind == "tcp" else 4096))
+                    window = int(begin.get("window") or 4)
                     if progress:
                         progress(start, size)
                     t_send = time.monotonic()
                     sent_total += _send_chunks(client, fh, size, start, chunk, window, progress, reply_timeout)
                     transfer_s += time.monotonic() - t_send
-                    commit = client.request(FLASH_COMMIT, timeout=600)
+                    commit = _patient(client, FLASH_COMMIT, {}, total=600, poll=reply_timeout + 1,
+                                      recover=lambda st: _commit_from_status(st, digest))
                 except RemoteError as exc:
                     if exc.code == "flash.digest" and digest_retries > 0:
                         digest_retries -= 1
@@ -312,9 +374,9 @@ def flash_bundle(
                         drop(client)
                         client = None
                     time.sleep(min(2.0, 0.2 * drops))
-        if commit.data.get("sha256") != digest:
-            raise FlashFailed(f"device computed sha256 {commit.data.get('sha256')} but the bundle is {digest}")
-        result = FlashResult(url, manifest.bundle_id, str(commit.data["slot"]), digest, size, sent_total,
+        if commit.get("sha256") != digest:
+            raise FlashFailed(f"device computed sha256 {commit.get('sha256')} but the bundle is {digest}")
+        result = FlashResult(url, manifest.bundle_id, str(commit["slot"]), digest, size, sent_total,
                              time.monotonic() - t0, resumed_from or 0, reconnects=drops, transfer_seconds=transfer_s)
         assert client is not None
         result.wire_bytes_out = wire[0] + client.link.wire_bytes_out
@@ -324,9 +386,10 @@ def flash_bundle(
             assert client is not None
             say(f"activating slot {result.slot}: the device runs its health check")
             try:
-                result.verdict = dict(client.request(SLOT_ACTIVATE, {"slot": result.slot},
-                                                     timeout=activate_timeout).data)
-            except (LinkClosed, LinkTimeout) as exc:
+                poll = 11.0 if client.link.kind == "tcp" else 3.0
+                result.verdict = _patient(client, SLOT_ACTIVATE, {"slot": result.slot}, total=activate_timeout,
+                                          poll=poll, recover=lambda st: _verdict_from_status(st, result.slot))
+            except (LinkClosed, LinkTimeout, ReplyLost) as exc:
                 raise FlashFailed(f"link lost while {url} checked the new slot; run `sottovoce devices` "
                                   f"to see its verdict ({exc})") from exc
         return result

@@ -16,7 +16,10 @@ class FlashProgress:
         self._task: Any = None
 
     def __enter__(self) -> "FlashProgress":
-        if self.enabled:
+        return self
+
+    def _start(self) -> None:
+        if self.enabled and self._progress is None:
             from rich.console import Console
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                        TransferSpeedColumn)
@@ -26,9 +29,10 @@ class FlashProgress:
                                       console=Console(file=sys.stderr), transient=False)
             self._progress.__enter__()
             self._task = self._progress.add_task(self.label, total=None)
-        return self
 
     def update(self, done: int, total: int) -> None:
+        """Show ``done`` of ``total`` bytes (the bar appears on the first update: after the device said hello)."""
+        self._start()
         if self._progress is not None:
             self._progress.update(self._task, completed=done, total=total)
 

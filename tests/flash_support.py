@@ -27,6 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 HEALTH = "tests.flash_support:health_check"
 
 
+def _die_with_parent() -> None:
+    """In the daemon child: get SIGTERM when the test process dies, so no daemon outlives its test."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def health_check(bundle_dir: Path) -> dict:
     """Test health check: every model file reads back at its manifest size; ``health: fail`` fails it."""
     from edge.runtime import HealthCheckError
@@ -83,12 +90,15 @@ class Daemon:
             cmd += ["--tcp", "127.0.0.1:0", "--token", token]
         announce = self.root / "run" / "daemon.json"
         announce.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.root.parent / f"{self.root.name}-daemon.log"
+        with open(self.log_path, "ab") as log:  # a file, not a pipe nobody reads (a full pipe would block it)
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                         stderr=log, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 30
         while not announce.is_file():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("daemon did not announce itself within 30 s")
             time.sleep(0.02)
@@ -107,9 +117,6 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
 
     def kill(self) -> None:
         self.proc.kill()
