@@ -4,7 +4,6 @@ against faster-whisper, and the exported ONNX int8 stage on the edge runtime."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +38,6 @@ def shipped(ct2_dir) -> Ct2Model:
 
 @pytest.mark.models
 def test_every_shipped_ctranslate2_variable_lands_on_a_whisper_parameter(shipped):
-    from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: F401 (names only)
-
     assert shipped.spec_name == "WhisperSpec" and shipped.weight_dtypes() == {"float16"}
     shape, sd = hf_state_dict(shipped)
     assert (shape.d_model, shape.encoder_layers, shape.decoder_layers, shape.encoder_heads, shape.vocab_size,
