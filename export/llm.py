@@ -5,7 +5,8 @@ versions + export version), so a second call with the same inputs does no model 
 1. the source: the recipe's GGUF dequantized by ``transformers`` (offline) and saved as a float32
    Hugging Face directory, or a given local HF directory used as it is;
 2. optimum's ONNX exporter, task ``text-generation-with-past``: one ``model.onnx`` with ``past_key_values.*``
-   inputs and ``present.*`` outputs;
+   inputs and ``present.*`` outputs, plus a ``logits_to_keep`` input (``add_logits_to_keep``) so that
+   prefill projects only the last position onto the vocabulary;
 3. ``tokenizer.json`` rewritten for the plain ``tokenizers`` library (byte-level decoder only, no
    post-processor) and verified: same ids as ``transformers`` and exact round trip, chat tokens included;
 4. the check: greedy tokens of the exported model run by the edge runtime (``edge.stages.llm_onnx``)
@@ -36,7 +37,7 @@ from export.recipes import Recipe, load_recipe
 
 RECIPE = "smollm2-135m-instruct"
 KIND = "onnx-causal-lm"
-EXPORT_VERSION = 1  # bump when a step changes what it writes
+EXPORT_VERSION = 2  # bump when a step changes what it writes
 DEFAULT_SYSTEM_PROMPT = "You are a helpful voice assistant. Answer in one or two short sentences."
 MAX_CONTEXT = 2048  # tokens the runtime allows (KV cache memory bound on small boards)
 GREEDY_NEW_TOKENS = 32
@@ -173,6 +174,45 @@ def export_onnx(hf_dir: Path, out: Path) -> Path:
     return out / "model.onnx"
 
 
+def add_logits_to_keep(src: Path, dst: Path) -> Path:
+    """A copy of the exported graph with one more input, ``logits_to_keep`` (int64 [1]): the LM head runs
+    only on the last ``logits_to_keep`` positions (the runtime passes 1 while generating, the sequence
+    length to score every position). Prefill then skips the vocabulary projection of all but the last
+    prompt token, and ``logits`` is [batch, logits_to_keep, vocab]. Cached; returns ``dst``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    if dst.is_file() and _done(dst.parent):
+        return dst
+    model = onnx.load(str(src))
+    graph = model.graph
+    head = [n for n in graph.node if "logits" in n.output]
+    if len(head) != 1 or head[0].op_type not in ("MatMul", "Gemm"):
+        raise ModelFileError("cannot find the LM head MatMul that produces 'logits' in the exported graph")
+    node = head[0]
+    hidden = node.input[0]
+    graph.input.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
+    graph.initializer.extend([
+        helper.make_tensor("logits_to_keep_end", TensorProto.INT64, [1], [2**62]),
+        helper.make_tensor("logits_to_keep_axis", TensorProto.INT64, [1], [1]),
+    ])
+    kept = f"{hidden}_last"
+    index = list(graph.node).index(node)
+    graph.node.insert(index, helper.make_node("Neg", ["logits_to_keep"], ["logits_to_keep_neg"],
+                                              name="/lm_head/logits_to_keep/Neg"))
+    graph.node.insert(index + 1, helper.make_node(
+        "Slice", [hidden, "logits_to_keep_neg", "logits_to_keep_end", "logits_to_keep_axis"], [kept],
+        name="/lm_head/logits_to_keep/Slice"))
+    node.input[0] = kept
+    for out in graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].dim_param = "logits_to_keep"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    _mark(dst.parent, {"step": "logits_to_keep"})
+    return dst
+
+
 def chat_template_of(tokenizer: Any) -> str:
     """The Jinja chat template text of a transformers tokenizer (the ``default`` one of several)."""
     tmpl = tokenizer.chat_template
@@ -291,7 +331,7 @@ def greedy_check(lm, hf_dir: Path, system_prompt: str, cached: Path) -> dict[str
     """Greedy tokens of ``lm`` (the runtime) vs torch on ``GREEDY_PROMPTS`` for ``GREEDY_NEW_TOKENS`` each;
     torch's tokens are cached in ``cached``. Returns match fraction and the prompts' results."""
     prompts = [lm.encode_chat(_chat(system_prompt, q)) for q in GREEDY_PROMPTS]
-    key = hashlib.sha256(json.dumps([prompts, GREEDY_NEW_TOKENS]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([prompts, GREEDY_NEW_TOKENS, sorted(lm.config.eos_ids)]).encode()).hexdigest()[:12]
     ref_path = cached / f"torch-greedy-{key}.json"
     if ref_path.is_file():
         ref = json.loads(ref_path.read_text(encoding="utf-8"))
@@ -391,9 +431,9 @@ def export_llm(
     if src.gguf is not None and not _done(work / "hf"):
         say(f"loading {src.gguf.name} in transformers (dequantized to float32)")
     hf_dir = build_hf_dir(src, work / "hf")
-    if not _done(work / "onnx-float"):
+    if not _done(work / "onnx-export"):
         say("exporting ONNX with KV cache (optimum, text-generation-with-past)")
-    float_model = export_onnx(hf_dir, work / "onnx-float")
+    float_model = add_logits_to_keep(export_onnx(hf_dir, work / "onnx-export"), work / "onnx-float" / "model.onnx")
     tok_path = work / "tokenizer" / "tokenizer.json"
     if not tok_path.is_file():
         say("writing and verifying tokenizer.json")

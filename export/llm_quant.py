@@ -39,7 +39,7 @@ DEFAULT_TOP1 = 0.95
 DEFAULT_PPL_RATIO = 1.05
 BITS, BLOCK, ACCURACY_LEVEL = 8, 32, 4  # MatMulNBits: int8 weights, blocks of 32, int8 compute
 CONTINUATION_TOKENS = 32
-GATE_VERSION = 2
+GATE_VERSION = 3
 SYSTEM = "You are a helpful voice assistant. Answer in one or two short sentences."
 
 #: (question, reference answer): everyday voice-assistant turns, answers written by hand
@@ -96,7 +96,8 @@ def weight_matmuls(model_path: Path, keep_float: Sequence[str] = KEEP_FLOAT) -> 
 def gate_sequences(lm, pairs: Sequence[tuple[str, str]] = GATE_SET, system: str = SYSTEM
                    ) -> list[tuple[list[int], int]]:
     """(token ids of prompt + reference answer + end-of-turn, prompt length) for each pair."""
-    end = [int(lm.config.eos_ids[0])] if lm.config.eos_ids else []
+    im_end = lm.tokenizer.token_to_id("<|im_end|>")
+    end = [int(im_end)] if im_end is not None else [int(lm.config.eos_ids[-1])]
     out = []
     for question, answer in pairs:
         prompt = lm.encode_chat([ChatMessage("system", system), ChatMessage("user", question)])

@@ -7,7 +7,8 @@ The model is optimum's ``text-generation-with-past`` export (one graph: ``input_
 
 Speed: the KV cache never goes through numpy. Each step binds the previous step's ``present``
 ``OrtValue``s as the next ``past`` inputs with IO binding and lets onnxruntime allocate the outputs;
-only the last position's logits (one row) are copied out for the argmax.
+only the last position's logits (one row) are copied out for the argmax. A graph with a
+``logits_to_keep`` input (``export.llm.add_logits_to_keep``) computes only that row, also in prefill.
 Text is detokenized incrementally: a piece is emitted only when the decoded tail is complete UTF-8,
 so a multi-byte character split across tokens is never emitted broken.
 """
@@ -135,6 +136,7 @@ class OnnxCausalLM:
             if need not in inputs:
                 raise ModelFileError(f"{Path(model_path).name} is not a causal LM with KV cache: no input {need!r}")
         self._has_positions = "position_ids" in inputs
+        self._has_keep = "logits_to_keep" in inputs  # LM head on the last positions only (export.llm)
         self.past_names = sorted((n for n in inputs if n.startswith("past_key_values.")), key=_layer_order)
         outputs = [o.name for o in self.session.get_outputs()]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
@@ -177,6 +179,8 @@ class OnnxCausalLM:
         binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
         if self._has_positions:
             binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
+        if self._has_keep:
+            binding.bind_cpu_input("logits_to_keep", np.array([n if all_logits else 1], np.int64))
         for i, name in enumerate(self.past_names):
             binding.bind_ortvalue_input(name, past[i] if past is not None else self._empty_kv)
         binding.bind_output("logits", "cpu")
