@@ -208,7 +208,9 @@ def quantize_and_gate(
     model, desc = quantize_model(float_model, out, actual)
     if actual != scheme:
         desc = {**desc, "requested": scheme,
-                "note": f"{scheme} is not implemented for the LLM stage yet; shipped {actual} instead"}
+                "note": f"{scheme} is not implemented for the LLM stage yet; shipped {actual} instead"
+                        + (" (MatMulNBits is not a TensorRT op: those nodes run on the CUDA or CPU provider)"
+                           if scheme == "static-qdq-s8s8" else "")}
     lm = runtime_model(model, tokenizer, config)
     min_top1 = float(gates.get("top1_agreement", DEFAULT_TOP1))
     max_ratio = float(gates.get("perplexity_ratio", DEFAULT_PPL_RATIO))
