@@ -174,13 +174,16 @@ class OnnxCausalLM:
         """One forward pass over ``ids`` (positions ``start``..) on top of ``past`` (None: empty cache).
         Returns the logits (last row, or every row) and the new cache as ``OrtValue``s."""
         n = ids.shape[1]
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", np.ones((1, start + n), np.int64))
+        # the arrays stay referenced here until the run is over (a binding may point into their memory)
+        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+                 "attention_mask": np.ones((1, start + n), np.int64)}
         if self._has_positions:
-            binding.bind_cpu_input("position_ids", np.arange(start, start + n, dtype=np.int64)[None, :])
+            feeds["position_ids"] = np.arange(start, start + n, dtype=np.int64)[None, :]
         if self._has_keep:
-            binding.bind_cpu_input("logits_to_keep", np.array([n if all_logits else 1], np.int64))
+            feeds["logits_to_keep"] = np.array([n if all_logits else 1], np.int64)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         for i, name in enumerate(self.past_names):
             binding.bind_ortvalue_input(name, past[i] if past is not None else self._empty_kv)
         binding.bind_output("logits", "cpu")
