@@ -334,3 +334,39 @@ def test_a_device_with_a_trusted_key_refuses_unsigned_bundles_and_takes_signed_o
         assert r.verdict["verdict"] == "good"
     finally:
         d.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL.is_file(), reason="dist/x86-dev.svb not built (run `sottovoce export`)")
+def test_flashing_works_while_the_voice_loop_answers_on_the_active_slot(tmp_path):
+    import json
+    import time as _time
+
+    from tests.speech import have_espeak
+
+    if not have_espeak():
+        pytest.skip("espeak-ng missing")
+    wav = tmp_path / "q.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(wav),
+                    "What is the capital of France? " * 6], check=True)
+    root = tmp_path / "dev"
+    first = Daemon(root, link="tcp", extra=["--health-check", "edge.runtime:health_check"])
+    try:
+        flash_bundle(REAL, first.port_url, token=first.token)
+    finally:
+        first.stop()
+    d = Daemon(root, link="tcp", extra=["--health-check", "edge.runtime:health_check", "--voice",
+                                        "--voice-input", str(wav), "--voice-output", str(tmp_path / "reply.wav")])
+    try:
+        client = connect(d.port_url, d.token)
+        deadline = _time.monotonic() + 120
+        while client.status()["voice"]["state"] != "running" and _time.monotonic() < deadline:
+            _time.sleep(0.5)
+        assert client.status()["voice"]["state"] == "running"
+        r = flash_bundle(REAL, d.port_url, token=d.token, activate=False)
+        assert client.status()["voice"]["state"] == "running"  # the transfer never stopped the loop
+        verdict = client.request("slot.activate", {"slot": r.slot}, timeout=600).data
+        assert verdict["verdict"] == "good" and verdict["active"] == r.slot
+        print(json.dumps(client.status()["voice"]))
+    finally:
+        d.stop()

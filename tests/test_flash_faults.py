@@ -94,6 +94,6 @@ def test_random_link_faults_never_land_a_wrong_bundle_or_lose_the_good_slot(devi
 
 @pytest.mark.slow
 @given(faults=FAULTS, which=st.integers(0, 1))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_link_faults_never_land_a_wrong_bundle_or_lose_the_good_slot_long(device, faults, which):
     _flash_through_faults(device, faults, which)
