@@ -2,7 +2,7 @@
 # Board installer: the edge-only environment (never torch), the systemd unit, the udev rule, the device root.
 #   PREFIX=/ sh hw/install.sh            install on the board itself (as root)
 #   PREFIX=/tmp/image sh hw/install.sh   lay out an image / scratch directory (tests)
-# Knobs: NO_VENV=1 (files only), WHEELHOUSE=DIR (offline: install only from these wheels),
+# Knobs: NO_VENV=1 (files only), WHEELHOUSE=DIR (offline: install sottovoce[edge] only from these wheels),
 #        VENV_ARGS, PIP_ARGS (extra arguments to `python3 -m venv` and `pip install`), PYTHON (default python3).
 set -eu
 PREFIX=${PREFIX:-/}
@@ -39,7 +39,8 @@ if [ -z "${NO_VENV:-}" ]; then
     "$PYTHON" -m venv ${VENV_ARGS:-} "$VENV"
     if [ -n "${WHEELHOUSE:-}" ]; then
         # shellcheck disable=SC2086
-        "$VENV/bin/pip" install --no-index --find-links "$WHEELHOUSE" ${PIP_ARGS:-} "$SRC[edge]"
+        # an offline board: the host prepared the wheels (`pip wheel ".[edge]" -w WHEELHOUSE`)
+        "$VENV/bin/pip" install --no-index --find-links "$WHEELHOUSE" ${PIP_ARGS:-} "sottovoce[edge]"
     else
         # shellcheck disable=SC2086
         "$VENV/bin/pip" install ${PIP_ARGS:-} "$SRC[edge]"

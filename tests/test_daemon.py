@@ -6,7 +6,6 @@ import hashlib
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -131,24 +130,25 @@ def test_the_installer_lays_out_unit_rule_and_root_in_a_scratch_prefix(tmp_path)
     assert len((prefix / "etc/sottovoce/token").read_text().strip()) >= 32
 
 
-@pytest.mark.slow
 def test_the_installer_builds_an_edge_only_environment_without_torch(tmp_path):
+    import shutil
+
+    src = tmp_path / "src"  # build from a copy: an in-tree build would leave build/ in the checkout
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             ".hypothesis", ".pytest_cache", "__pycache__"))
+    wheels = tmp_path / "wheels"  # what a host prepares for an offline board (here: our package alone)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
     prefix = tmp_path / "board"
-    env = dict(os.environ, VENV_ARGS="--system-site-packages", PIP_ARGS="--no-deps --no-build-isolation --no-index")
-    out = subprocess.run([sys.executable, "-m", "sottovoce", "edge", "install", "--prefix", str(prefix)],
-                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    env = dict(os.environ, PIP_ARGS="--no-deps")
+    out = subprocess.run([sys.executable, "-m", "sottovoce", "edge", "install", "--prefix", str(prefix),
+                          "--wheelhouse", str(wheels)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     sv = prefix / "opt/sottovoce/venv/bin/sottovoce"
     assert subprocess.run([str(sv), "edge", "serve", "--help"], capture_output=True, timeout=60).returncode == 0
-    start = time.monotonic()
     probe = subprocess.run([str(prefix / "opt/sottovoce/venv/bin/python"), "-c",
-                            "import edge.daemon, edge.slots, edge.protocol, sys; print('torch' in sys.modules)"],
-                           capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "False" and time.monotonic() - start < 60
-
-
-def test_tcp_without_a_token_does_not_start(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sottovoce", "edge", "serve", "--root", str(tmp_path / "dev"),
-                          "--tcp", "127.0.0.1:0"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env={k: v for k, v in os.environ.items() if k != "SOTTOVOCE_TOKEN"})
-    assert out.returncode == 1 and "needs a pre-shared token" in out.stderr
+                            "import edge.daemon, edge.slots, edge.protocol, sys; "
+                            "print(sorted(m for m in ('torch', 'host', 'export') if m in sys.modules))"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert probe.stdout.strip() == "[]", probe.stderr
