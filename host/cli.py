@@ -87,8 +87,14 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
+    from edge.errors import ConfigError
     from host.devices import discover
 
+    if args.mdns:
+        import importlib.util
+
+        if importlib.util.find_spec("zeroconf") is None:
+            raise ConfigError("--mdns needs the zeroconf package (pip install zeroconf)")
     found = discover(ports=args.port, addresses=args.address, token=_token(args), scan_serial=not args.no_scan,
                      mdns=args.mdns, timeout=args.timeout)
     if args.json:

@@ -291,3 +291,15 @@ def test_random_fault_sequences_never_leave_the_device_without_a_good_slot(tmp_p
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_fault_sequences_never_leave_the_device_without_a_good_slot_long(tmp_path, bundles, steps):
     _run_sequence(tmp_path, bundles, steps)
+
+
+def test_an_active_slot_damaged_on_disk_is_caught_at_boot_and_the_previous_one_takes_over(tmp_path, bundles):
+    s = store(tmp_path / "dev")
+    land(s, bundles["one"])
+    land(s, bundles["two"])
+    model = tmp_path / "dev/slots/b/llm/model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")  # bit rot on the SD card
+    verdict = store(tmp_path / "dev").boot()
+    st_ = store(tmp_path / "dev").read_state()
+    assert verdict["active"] == st_.active == "a" and st_.slots["b"].state == "bad"
+    assert "failed verification at boot" in st_.slots["b"].reason
