@@ -1,7 +1,8 @@
 """Byte-level framing of protocol messages on the two links (contract ``edge.protocol``, version 1).
 
-TCP (Wyoming-shaped): one JSON header line terminated by ``\\n``, then exactly ``payload_length``
-payload bytes. TCP already guarantees order and integrity, so there is no checksum.
+TCP (Wyoming-shaped): one JSON header line terminated by ``\\n`` (``type``, ``id``, ``data``,
+``version``, ``payload_length``), then exactly ``payload_length`` payload bytes. TCP already
+guarantees order and integrity, so there is no checksum.
 
 Serial: every message is one SLIP frame (RFC 1055, as esptool uses) ``END body' END`` where
 ``body = version(1) | header_length(2, big-endian) | header JSON | payload | crc32(4, big-endian)``
@@ -127,6 +128,7 @@ class SerialDeframer:
 def encode_tcp(header: dict[str, Any], payload: bytes = b"") -> bytes:
     """One message as the bytes a TCP link carries: header JSON line, then the payload."""
     head = dict(header)
+    head["version"] = WIRE_VERSION
     head["payload_length"] = len(payload)
     line = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return line + b"\n" + payload
@@ -135,6 +137,9 @@ def encode_tcp(header: dict[str, Any], payload: bytes = b"") -> bytes:
 def parse_tcp_header(line: bytes) -> tuple[dict[str, Any], int]:
     """Parse one TCP header line; return the header and the payload length it announces."""
     header = _parse_header(line.rstrip(b"\r\n"))
+    version = header.pop("version", WIRE_VERSION)
+    if version != WIRE_VERSION:
+        raise FramingError(f"message wire version {version!r} is not {WIRE_VERSION}")
     n = header.pop("payload_length", 0)
     if not isinstance(n, int) or n < 0 or n > MAX_PAYLOAD_BYTES:
         raise FramingError(f"payload_length {n!r} is invalid (0..{MAX_PAYLOAD_BYTES})")
