@@ -370,3 +370,13 @@ def test_flashing_works_while_the_voice_loop_answers_on_the_active_slot(tmp_path
         print(json.dumps(client.status()["voice"]))
     finally:
         d.stop()
+
+
+def test_the_virtual_device_of_the_demo_is_flashed_over_a_pty_and_returns_its_active_bundle(tmp_path, svbs, capfd):
+    from sottovoce.virtual_device import flash_virtual_device
+
+    bundle_dir = flash_virtual_device(svbs["new"], tmp_path / "device", health_check="tests.flash_support:health_check")
+    assert bundle_dir == tmp_path / "device" / "slots" / "a"
+    assert (bundle_dir / "manifest.json").is_file() and state(tmp_path / "device")["last_boot"]["verdict"] == "good"
+    assert "MB/s" in capfd.readouterr().err
+    assert not (tmp_path / "device" / "run" / "daemon.json").exists()  # the daemon was stopped

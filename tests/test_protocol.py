@@ -130,3 +130,10 @@ def test_the_hello_proof_depends_on_both_token_and_challenge():
     assert not check_mac("token", c2, mac)
     assert not check_mac("other", c1, mac)
     assert not check_mac("token", c1, None)
+
+
+def test_a_tcp_header_of_another_wire_version_is_refused():
+    from edge.framing import FramingError
+
+    with pytest.raises(FramingError, match="wire version"):
+        parse_tcp_header(b'{"type":"status","id":1,"version":2,"payload_length":0}')
