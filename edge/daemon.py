@@ -36,6 +36,7 @@ from edge.errors import ConfigError, SottovoceError
 from edge.framing import FramingError
 from edge.protocol import (
     AUTH_SCHEME,
+    BUSY,
     FLASH_ABORT,
     FLASH_BEGIN,
     FLASH_CHUNK,
@@ -63,6 +64,12 @@ log = logging.getLogger("sottovoce.daemon")
 #: chunk sizes the device suggests per link (bytes of payload per flash.chunk) and the window in flight
 LINK_PARAMS = {"tcp": {"chunk": 256 * 1024, "window": 4}, "serial": {"chunk": 4096, "window": 8}}
 HEALTH_ENV = "SOTTOVOCE_HEALTH_CHECK"
+#: requests whose replies are cached per link, so a re-sent one (same id and fields) is answered, not redone
+IDEMPOTENT_BY_CACHE = (FLASH_BEGIN, FLASH_COMMIT, FLASH_ABORT, SLOT_ACTIVATE, SLOT_ROLLBACK)
+#: requests that may run for long: the device sends ``busy`` events every ``HEARTBEAT_S`` meanwhile
+LONG_REQUESTS = (FLASH_BEGIN, FLASH_COMMIT, SLOT_ACTIVATE, SLOT_ROLLBACK)
+HEARTBEAT_S = 1.0
+_REPLY_CACHE = 32
 
 
 class RingLog(logging.Handler):
@@ -86,6 +93,7 @@ class LinkSession:
     authenticated: bool = False
     challenge: str | None = None
     close: bool = False
+    replies: "collections.OrderedDict[tuple, Message]" = field(default_factory=collections.OrderedDict)
 
 
 class VoiceRunner:
@@ -188,8 +196,56 @@ class Daemon:
     ring: RingLog = field(default_factory=RingLog)
     stopping: threading.Event = field(default_factory=threading.Event)
     links: list[Any] = field(default_factory=list)
+    #: more request handlers (e.g. ``profile.run`` from another module): type -> handler(msg, session) -> reply
+    extra_handlers: dict[str, Callable[[Message, LinkSession], Message]] = field(default_factory=dict)
+
+    def handlers(self) -> dict[str, Callable[[Message, LinkSession], Message]]:
+        """Request type -> handler; the built-in ones plus ``extra_handlers``."""
+        return {
+            STATUS: self._status,
+            FLASH_BEGIN: self._flash_begin,
+            FLASH_CHUNK: self._flash_chunk,
+            FLASH_COMMIT: self._flash_commit,
+            FLASH_ABORT: self._flash_abort,
+            SLOT_ACTIVATE: self._slot_activate,
+            SLOT_ROLLBACK: self._slot_rollback,
+            LOG: self._log,
+            **self.extra_handlers,
+        }
 
     # ------------------------------------------------------------------ dispatch
+
+    def answer(self, msg: Message, session: LinkSession) -> Message:
+        """``handle`` plus the link's reliability: a re-sent state-changing request (same type, id and
+        fields) gets the cached reply instead of running twice; a long one sends ``busy`` heartbeats."""
+        key = None
+        if msg.type in IDEMPOTENT_BY_CACHE and msg.id is not None:
+            key = (msg.type, msg.id, json.dumps(msg.data, sort_keys=True, default=str))
+            cached = session.replies.get(key)
+            if cached is not None:
+                log.info("re-sent %s (id %s): answering from the reply cache", msg.type, msg.id)
+                return cached
+        done = threading.Event()
+        if msg.type in LONG_REQUESTS and msg.id is not None:
+            threading.Thread(target=self._heartbeat, args=(msg, session, done), daemon=True,
+                             name=f"busy-{msg.id}").start()
+        try:
+            reply = self.handle(msg, session)
+        finally:
+            done.set()
+        if key is not None:
+            session.replies[key] = reply
+            while len(session.replies) > _REPLY_CACHE:
+                session.replies.popitem(last=False)
+        return reply
+
+    @staticmethod
+    def _heartbeat(msg: Message, session: LinkSession, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_S):
+            try:
+                session.link.send(Message(BUSY, None, {"request": msg.id, "op": msg.type}))
+            except SottovoceError:
+                return
 
     def handle(self, msg: Message, session: LinkSession) -> Message:
         """Answer one request: a reply of the same type and id, or an ``error`` with a stable code."""
@@ -199,16 +255,9 @@ class Daemon:
                 return self._hello(msg, session)
             if session.needs_auth and not session.authenticated:
                 return msg.error("auth.required", "authenticate with hello first (TCP needs the device token)")
-            handler: Callable[[Message, LinkSession], Message] = {
-                STATUS: self._status,
-                FLASH_BEGIN: self._flash_begin,
-                FLASH_CHUNK: self._flash_chunk,
-                FLASH_COMMIT: self._flash_commit,
-                FLASH_ABORT: self._flash_abort,
-                SLOT_ACTIVATE: self._slot_activate,
-                SLOT_ROLLBACK: self._slot_rollback,
-                LOG: self._log,
-            }[msg.type]
+            handler = self.handlers().get(msg.type)
+            if handler is None:
+                return msg.error("protocol.unsupported", f"this device does not answer {msg.type!r}")
             return handler(msg, session)
         except SottovoceError as err:
             return msg.error(err.code, str(err))
@@ -260,8 +309,12 @@ class Daemon:
 
     def _flash_begin(self, msg: Message, session: LinkSession) -> Message:
         d = msg.data
-        offset = self.store.begin(d["size"], d["sha256"], str(d.get("bundle_id", "")))
         params = LINK_PARAMS.get(session.link.kind, LINK_PARAMS["serial"])
+        installed = None if d.get("force") else self.store.installed_slot(d["sha256"])
+        if installed is not None:  # it already landed (e.g. the commit reply was lost): nothing to send
+            return msg.reply({"offset": d["size"], "installed": installed, "chunk": params["chunk"],
+                              "window": params["window"]})
+        offset = self.store.begin(d["size"], d["sha256"], str(d.get("bundle_id", "")))
         return msg.reply({"offset": offset, "chunk": params["chunk"], "window": params["window"]})
 
     def _flash_chunk(self, msg: Message, session: LinkSession) -> Message:
@@ -273,7 +326,8 @@ class Daemon:
         return msg.reply({"offset": nxt})
 
     def _flash_commit(self, msg: Message, session: LinkSession) -> Message:
-        result = self.store.commit()
+        sha = msg.data.get("sha256")
+        result = self.store.commit(sha if isinstance(sha, str) else None)
         return msg.reply({"slot": result.slot, "bundle_id": result.bundle_id, "sha256": result.sha256,
                           "signed_by": result.signed_by, "state": "pending"})
 
@@ -326,8 +380,9 @@ class Daemon:
                         log.warning("dropping TCP client %s: %s", link.peer, exc)
                         return
                     continue
-                reply = self.handle(msg, session)
-                link.send(reply)
+                if msg.id is None:
+                    continue  # an event from the host: nothing to answer
+                link.send(self.answer(msg, session))
         except LinkClosed as exc:
             log.info("link %s closed: %s", getattr(link, "peer", "?"), exc)
         finally:

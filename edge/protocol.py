@@ -12,6 +12,11 @@ Links (framing in ``edge.framing``):
 
 ``REQUESTS`` lists every request type and the fields it must carry (with their types), so both
 ends validate the same way.
+
+Events carry no ``id``. The device sends ``busy`` (``request``: the id it is working on, ``op``)
+about once a second while a long request runs (commit, activate), so a host can tell "still
+working" from "request lost on the line" and re-send a lost request *with the same id*; the device
+answers a re-sent state-changing request from its reply cache instead of doing it twice.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ SLOT_ACTIVATE = "slot.activate"
 SLOT_ROLLBACK = "slot.rollback"
 LOG = "log"
 ERROR = "error"
+BUSY = "busy"  # event: the device is still working on request ``data.request``
 
 #: request type -> required field -> accepted Python type(s)
 REQUESTS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -63,6 +69,11 @@ REQUESTS: dict[str, dict[str, type | tuple[type, ...]]] = {
     SLOT_ROLLBACK: {},
     LOG: {},
 }
+
+
+def register_request(type_: str, fields: dict[str, type | tuple[type, ...]] | None = None) -> None:
+    """Add a request type (e.g. ``profile.run``) with its required fields; both ends then validate it."""
+    REQUESTS[type_] = dict(fields or {})
 
 
 class ProtocolError(SottovoceError):
@@ -357,6 +368,7 @@ def _peer_name(sock: socket.socket) -> str:
 __all__ = [
     "PROTOCOL_VERSION",
     "REQUESTS",
+    "BUSY",
     "Message",
     "Link",
     "TcpLink",
@@ -368,6 +380,7 @@ __all__ = [
     "RemoteError",
     "error_message",
     "validate_request",
+    "register_request",
     "auth_mac",
     "check_mac",
     "new_challenge",
