@@ -182,6 +182,12 @@ class Transfer:
     def __post_init__(self) -> None:
         self.hasher = hashlib.sha256()
         self.unsynced = 0
+        self.fh: Any = None  # the part file, kept open between chunks
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
 
 
 @dataclass(frozen=True)
@@ -374,18 +380,32 @@ class SlotStore:
             if skip >= len(data):
                 return t.offset  # duplicate
             data = data[skip:] if skip else data
-            with open(self.part_path, "r+b") as fh:
-                fh.seek(t.offset)
-                fh.write(data)
-                t.unsynced += len(data)
-                if t.unsynced >= _FSYNC_EVERY:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    t.unsynced = 0
+            if t.fh is None:
+                t.fh = open(self.part_path, "r+b")
+            fh = t.fh
+            fh.seek(t.offset)
+            fh.write(data)
+            fh.flush()  # a crash of this process (not of the machine) must keep every acknowledged byte
+            t.unsynced += len(data)
+            if t.unsynced >= _FSYNC_EVERY:
+                os.fsync(fh.fileno())
+                t.unsynced = 0
             t.hasher.update(data)
             t.offset += len(data)
             crash_point("chunk-after-write")
             return t.offset
+
+    def installed_slot(self, sha256: str) -> str | None:
+        """The slot that already holds the bundle with this whole-file ``sha256`` (pending or good), if any.
+
+        A host re-running a flash whose commit went through (its reply lost) skips the transfer.
+        """
+        st = self.read_state()
+        for slot in SLOTS:
+            info = st.slots[slot]
+            if info.sha256 == sha256.lower() and info.state in ("pending", "good") and self.slot_dir(slot).is_dir():
+                return slot
+        return None
 
     def abort(self) -> None:
         """Drop the transfer in progress and its partial file (the slots are untouched)."""
@@ -393,6 +413,8 @@ class SlotStore:
             self._discard_transfer()
 
     def _discard_transfer(self) -> None:
+        if self.transfer is not None:
+            self.transfer.close()
         self.transfer = None
         for p in (self.part_path, self.transfer_path):
             p.unlink(missing_ok=True)
@@ -408,9 +430,10 @@ class SlotStore:
                 return None
         return {"size": t.size, "sha256": t.sha256, "offset": t.offset, "live": True}
 
-    def commit(self) -> CommitResult:
+    def commit(self, sha256: str | None = None) -> CommitResult:
         """Finish the transfer: whole-file size + sha256, defensive unpack, signature and member hashes, mark *pending*.
 
+        ``sha256`` (optional) names the transfer the caller means to commit; another one is refused.
         On a digest mismatch or an invalid bundle the partial file is discarded (the next
         ``flash.begin`` starts from 0) and the slots and the active slot are unchanged.
         """
@@ -418,8 +441,12 @@ class SlotStore:
             t = self.transfer
             if t is None:
                 raise FlashError("no transfer in progress (send flash.begin first)", code="flash.no_transfer")
+            if sha256 is not None and sha256.lower() != t.sha256:
+                raise FlashError(f"the transfer in progress is {t.sha256[:16]}…, not {sha256[:16]}…",
+                                 code="flash.no_transfer")
             if t.offset != t.size:
                 raise FlashError(f"transfer incomplete: {t.offset} of {t.size} bytes received", code="flash.incomplete")
+            t.close()
             with open(self.part_path, "rb+") as fh:
                 os.fsync(fh.fileno())
             computed = t.hasher.hexdigest()

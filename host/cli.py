@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     flash.add_argument("--activate", dest="activate", action="store_true", default=True,
                        help="boot the new slot and wait for its health verdict (default)")
     flash.add_argument("--no-activate", dest="activate", action="store_false", help="only install it, pending")
+    flash.add_argument("--force", action="store_true",
+                       help="send the bundle even if the device already holds it in a slot")
     flash.add_argument("--fleet", type=Path, metavar="INVENTORY.toml", help="flash every device in the inventory")
     flash.add_argument("--jobs", type=int, default=8, help="devices flashed at once with --fleet")
     flash.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -72,17 +74,22 @@ def cmd_flash(args: argparse.Namespace) -> int:
 
     with FlashProgress(args.bundle.name, enabled=not args.quiet and not args.json) as bar:
         result = flash_bundle(args.bundle, args.port, token=_token(args), activate=args.activate,
-                              progress=bar.update, log=bar.log)
+                              force=args.force, progress=bar.update, log=bar.log)
     if args.json:
         print(json.dumps({"ok": True, "slot": result.slot, "bundle_id": result.bundle_id, "sha256": result.sha256,
                           "bytes": result.size, "sent": result.sent_bytes, "seconds": round(result.seconds, 3),
-                          "resumed_from": result.resumed_from, "verdict": result.verdict}))
+                          "resumed_from": result.resumed_from, "already_installed": result.already_installed,
+                          "verdict": result.verdict}))
     else:
         verdict = (f"; slot {result.slot} is active and healthy" if result.verdict
                    else f"; slot {result.slot} pending (not activated)")
-        print(f"flashed {args.bundle.name} to {args.port}: {result.size / 1e6:.1f} MB in {result.seconds:.1f} s "
-              f"({result.mb_per_s:.1f} MB/s){' resumed at ' + str(result.resumed_from) if result.resumed_from else ''}"
-              f"{verdict}", file=sys.stderr)
+        if result.already_installed:
+            print(f"{args.bundle.name} was already on {args.port} (slot {result.slot}), nothing sent{verdict}",
+                  file=sys.stderr)
+        else:
+            print(f"flashed {args.bundle.name} to {args.port}: {result.size / 1e6:.1f} MB in {result.seconds:.1f} s "
+                  f"({result.mb_per_s:.1f} MB/s){' resumed at ' + str(result.resumed_from) if result.resumed_from else ''}"
+                  f"{verdict}", file=sys.stderr)
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from edge.bundle import read_packed_manifest
 from edge.errors import SottovoceError
 from edge.protocol import (
+    BUSY,
     FLASH_BEGIN,
     FLASH_CHUNK,
     FLASH_COMMIT,
@@ -41,6 +42,8 @@ from edge.protocol import (
 )
 
 Progress = Callable[[int, int], None]
+#: seconds without an answer or a ``busy`` heartbeat after which a slow request counts as lost (per link)
+IDLE_S = {"tcp": 15.0, "serial": 3.0}
 
 
 class FlashFailed(SottovoceError):
@@ -78,29 +81,42 @@ def open_link(url: str, timeout: float = 5.0) -> Link:
 
 
 class DeviceClient:
-    """Requests over one link: ``request`` waits for the answer; ``send``/``wait`` pipeline several."""
+    """Requests over one link: ``request`` waits for the answer; ``send``/``wait`` pipeline several;
+    ``call`` re-sends a request (same id) whose answer never came while the device showed no sign of work."""
 
     def __init__(self, link: Link, url: str = "") -> None:
         self.link = link
         self.url = url
-        self._next = random.randint(1, 1 << 16)  # short ids: fewer header bytes per serial frame
+        self._next = random.randint(1, 1 << 20)  # short ids: fewer header bytes per serial frame
         self._early: dict[int, Message] = {}
         self.info: dict[str, Any] = {}
 
-    def send(self, type_: str, data: dict[str, Any] | None = None, payload: bytes = b"") -> int:
-        """Send one request; return its id."""
-        mid = self._next
-        self._next += 1
+    def send(self, type_: str, data: dict[str, Any] | None = None, payload: bytes = b"",
+             mid: int | None = None) -> int:
+        """Send one request (a fresh id, or ``mid`` to re-send one); return its id."""
+        if mid is None:
+            mid = self._next
+            self._next += 1
         self.link.send(Message(type_, mid, data or {}, payload))
         return mid
 
-    def wait(self, mid: int, timeout: float = 10.0) -> Message:
-        """The answer to request ``mid``; ``RemoteError`` if it is an ``error``, ``ReplyLost`` if a later one came first."""
-        deadline = time.monotonic() + timeout
+    def wait(self, mid: int, timeout: float = 10.0, *, idle: float | None = None) -> Message:
+        """The answer to request ``mid``; ``RemoteError`` if it is an ``error``, ``ReplyLost`` if a later one came first.
+
+        ``LinkTimeout`` after ``timeout`` seconds, or sooner: after ``idle`` seconds without a
+        ``busy`` heartbeat for ``mid`` (the request or its answer was lost; the caller may re-send).
+        """
+        now = time.monotonic()
+        deadline = now + timeout
+        quiet_until = deadline if idle is None else min(deadline, now + idle)
         while mid not in self._early:
             if any(k > mid for k in self._early):
                 raise ReplyLost(f"request {mid} got no answer (frame lost on the link)")
-            msg = self.link.recv(timeout=max(0.01, deadline - time.monotonic()))
+            msg = self.link.recv(timeout=max(0.01, quiet_until - time.monotonic()))
+            if msg.type == BUSY and msg.id is None:
+                if msg.data.get("request") == mid and idle is not None:
+                    quiet_until = min(deadline, time.monotonic() + idle)
+                continue
             if msg.id is None or msg.id < mid - (1 << 20):
                 continue  # an event, or stale bytes from an earlier session
             self._early[msg.id] = msg
@@ -183,6 +199,8 @@ class FlashResult:
     wire_bytes_out: int = 0
     wire_bytes_in: int = 0
     transfer_seconds: float = 0.0
+    #: the device already held this bundle (an earlier run landed it): nothing was sent
+    already_installed: bool = False
 
     @property
     def mb_per_s(self) -> float:
@@ -233,58 +251,22 @@ def _send_chunks(client: DeviceClient, fh, size: int, start: int, chunk: int, wi
     return sent
 
 
-def _patient(client: DeviceClient, type_: str, data: dict[str, Any], *, total: float, poll: float,
-             recover: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """A slow request (commit, activate) on a link that may lose its reply.
+def _patient(client: DeviceClient, type_: str, data: dict[str, Any], *, total: float, idle: float) -> dict[str, Any]:
+    """A slow request (begin, commit, activate) on a link that may lose frames.
 
-    While the device is silent, a ``status`` probe is queued every ``poll`` seconds. The device
-    answers in order, so a probe's reply arriving before ours means ours was lost: ``recover``
-    then rebuilds the outcome from the device's status (or raises).
+    Waits as long as the device sends ``busy`` heartbeats for it (up to ``total`` seconds). After
+    ``idle`` seconds of silence the request or its answer was lost: it is sent again *with the same
+    id*; the device runs it if it never got it, or answers from its reply cache if it did.
     """
     mid = client.send(type_, data)
     deadline = time.monotonic() + total
-    probes: list[int] = []
     while True:
         try:
-            return dict(client.wait(mid, poll).data)
+            return dict(client.wait(mid, max(0.01, deadline - time.monotonic()), idle=idle).data)
         except LinkTimeout:
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise
-            probes.append(client.send(STATUS))
-        except ReplyLost:
-            for probe in probes:
-                try:
-                    return recover(dict(client.wait(probe, poll).data))
-                except ReplyLost:
-                    continue
-            return recover(client.status())
-
-
-def _commit_from_status(status: dict[str, Any], digest: str) -> dict[str, Any]:
-    slot = status.get("pending")
-    info = (status.get("slots") or {}).get(slot) if slot else None
-    if not info or info.get("sha256") != digest:
-        raise FlashFailed("the device's answer to flash.commit was lost and it holds no pending copy of this "
-                          "bundle (it may have refused it); re-run the same command")
-    return {"slot": slot, "sha256": info["sha256"], "bundle_id": info.get("bundle_id")}
-
-
-def _begin_from_status(status: dict[str, Any], digest: str) -> dict[str, Any]:
-    transfer = status.get("transfer") or {}
-    if transfer.get("sha256") != digest:
-        raise LinkTimeout("the device's answer to flash.begin was lost")
-    return {"offset": int(transfer["offset"])}
-
-
-def _verdict_from_status(status: dict[str, Any], slot: str) -> dict[str, Any]:
-    verdict = dict(status.get("last_boot") or {})
-    if verdict.get("tried") != slot or verdict.get("verdict") not in ("good", "bad"):
-        raise FlashFailed(f"the device's answer to slot.activate was lost and its status shows no verdict for "
-                          f"slot {slot}; run `sottovoce devices` to see it")
-    if verdict["verdict"] == "bad":
-        raise RemoteError("slot.health", f"slot {slot} failed its health check and the device stayed on slot "
-                          f"{verdict.get('active')}: {verdict.get('reason')}", {"verdict": verdict})
-    return verdict
+            client.send(type_, data, mid=mid)
 
 
 def flash_bundle(
@@ -296,6 +278,8 @@ def flash_bundle(
     progress: Progress | None = None,
     reconnects: int = 3,
     activate_timeout: float = 900.0,
+    commit_timeout: float = 3600.0,
+    force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> FlashResult:
     """Land ``svb`` on the device at ``url`` and (by default) boot it; raise ``FlashFailed`` with a one-line reason.
@@ -303,7 +287,9 @@ def flash_bundle(
     Promises: returns only when the device has reported the same sha256 the host computed and,
     with ``activate``, a *good* health verdict for the new slot. A dropped link is reconnected up
     to ``reconnects`` times, continuing from the device's offset; a re-run of an interrupted flash
-    continues too. A digest mismatch (corruption in transit) restarts the transfer once.
+    continues too; a bundle the device already holds (pending or good) is not sent again unless
+    ``force``. A digest mismatch (corruption in transit) restarts the transfer once. Slow requests
+    (commit, activate) wait while the device sends ``busy`` heartbeats and are re-sent when lost.
     """
     svb = Path(svb)
     say = log or (lambda _m: None)
@@ -322,6 +308,7 @@ def flash_bundle(
     commit: dict[str, Any] | None = None
     wire = [0, 0]
     transfer_s = 0.0
+    already = False
 
     def drop(c: DeviceClient) -> None:
         wire[0] += c.link.wire_bytes_out
@@ -340,10 +327,17 @@ def flash_bundle(
                             raise
                     link_kind = client.link.kind
                     reply_timeout = 10.0 if link_kind == "tcp" else 2.0
-                    begin = _patient(client, FLASH_BEGIN, {"size": size, "sha256": digest,
-                                                           "bundle_id": manifest.bundle_id},
-                                     total=120, poll=reply_timeout + 1,
-                                     recover=lambda st: _begin_from_status(st, digest))
+                    idle = IDLE_S.get(link_kind, 3.0)
+                    fields: dict[str, Any] = {"size": size, "sha256": digest, "bundle_id": manifest.bundle_id}
+                    if force:
+                        fields["force"] = True
+                    begin = _patient(client, FLASH_BEGIN, fields, total=600, idle=idle)
+                    if begin.get("installed"):
+                        slot = str(begin["installed"])
+                        say(f"slot {slot} already holds this bundle (sha256 {digest[:16]}…): nothing to send")
+                        already = True
+                        commit = {"slot": slot, "sha256": digest}
+                        break
                     start = int(begin["offset"])
                     if resumed_from is None:
                         resumed_from = start
@@ -356,8 +350,7 @@ def flash_bundle(
                     t_send = time.monotonic()
                     sent_total += _send_chunks(client, fh, size, start, chunk, window, progress, reply_timeout)
                     transfer_s += time.monotonic() - t_send
-                    commit = _patient(client, FLASH_COMMIT, {}, total=600, poll=reply_timeout + 1,
-                                      recover=lambda st: _commit_from_status(st, digest))
+                    commit = _patient(client, FLASH_COMMIT, {"sha256": digest}, total=commit_timeout, idle=idle)
                 except RemoteError as exc:
                     if exc.code == "flash.digest" and digest_retries > 0:
                         digest_retries -= 1
@@ -377,18 +370,19 @@ def flash_bundle(
         if commit.get("sha256") != digest:
             raise FlashFailed(f"device computed sha256 {commit.get('sha256')} but the bundle is {digest}")
         result = FlashResult(url, manifest.bundle_id, str(commit["slot"]), digest, size, sent_total,
-                             time.monotonic() - t0, resumed_from or 0, reconnects=drops, transfer_seconds=transfer_s)
+                             time.monotonic() - t0, size if already else resumed_from or 0, reconnects=drops,
+                             transfer_seconds=transfer_s, already_installed=already)
         assert client is not None
         result.wire_bytes_out = wire[0] + client.link.wire_bytes_out
         result.wire_bytes_in = wire[1] + client.link.wire_bytes_in
-        say(f"device verified sha256 {digest[:16]}… and installed slot {result.slot}")
+        if not already:
+            say(f"device verified sha256 {digest[:16]}… and installed slot {result.slot}")
         if activate:
             assert client is not None
             say(f"activating slot {result.slot}: the device runs its health check")
             try:
-                poll = 11.0 if client.link.kind == "tcp" else 3.0
                 result.verdict = _patient(client, SLOT_ACTIVATE, {"slot": result.slot}, total=activate_timeout,
-                                          poll=poll, recover=lambda st: _verdict_from_status(st, result.slot))
+                                          idle=IDLE_S.get(client.link.kind, 3.0))
             except (LinkClosed, LinkTimeout, ReplyLost) as exc:
                 raise FlashFailed(f"link lost while {url} checked the new slot; run `sottovoce devices` "
                                   f"to see its verdict ({exc})") from exc
