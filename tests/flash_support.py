@@ -25,6 +25,7 @@ from edge.bundle import FORMAT_VERSION, Manifest, StageSpec, file_entry, pack_bu
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH = "tests.flash_support:health_check"
+HEALTH_DELAY_ENV = "SOTTOVOCE_TEST_HEALTH_DELAY"
 
 
 def _die_with_parent() -> None:
@@ -45,6 +46,7 @@ def health_check(bundle_dir: Path) -> dict:
                 raise HealthCheckError(f"health check failed: {entry.path} does not load")
         if spec.config.get("health") == "fail":
             raise HealthCheckError(f"health check failed: the {name} model produced no output")
+    time.sleep(float(os.environ.get(HEALTH_DELAY_ENV, "0")))  # a slow board loading big models
     return {"stages": sorted(manifest.stages)}
 
 
