@@ -251,20 +251,26 @@ def _send_chunks(client: DeviceClient, fh, size: int, start: int, chunk: int, wi
     return sent
 
 
-def _patient(client: DeviceClient, type_: str, data: dict[str, Any], *, total: float, idle: float) -> dict[str, Any]:
+def _patient(client: DeviceClient, type_: str, data: dict[str, Any], *, total: float, idle: float,
+             resends: int = 4) -> dict[str, Any]:
     """A slow request (begin, commit, activate) on a link that may lose frames.
 
     Waits as long as the device sends ``busy`` heartbeats for it (up to ``total`` seconds). After
     ``idle`` seconds of silence the request or its answer was lost: it is sent again *with the same
-    id*; the device runs it if it never got it, or answers from its reply cache if it did.
+    id*; the device runs it if it never got it, or answers from its reply cache if it did. After
+    ``resends`` silent windows in a row (nothing at all came back) the link counts as lost
+    (``LinkTimeout``).
     """
     mid = client.send(type_, data)
     deadline = time.monotonic() + total
+    silent = 0
     while True:
+        heard = client.link.wire_bytes_in
         try:
             return dict(client.wait(mid, max(0.01, deadline - time.monotonic()), idle=idle).data)
         except LinkTimeout:
-            if time.monotonic() >= deadline:
+            silent = silent + 1 if client.link.wire_bytes_in == heard else 1
+            if silent > resends or time.monotonic() >= deadline:
                 raise
             client.send(type_, data, mid=mid)
 

@@ -81,3 +81,27 @@ def test_rerunning_a_flash_that_already_landed_sends_nothing_unless_forced(tmp_p
         assert forced.verdict["verdict"] == "good"
     finally:
         d.stop()
+
+
+def test_a_silent_line_is_given_up_after_a_bounded_number_of_same_id_resends():
+    import os
+    import tty
+
+    from edge.framing import SerialDeframer
+    from edge.protocol import LinkTimeout, SerialLink
+    from host.flash import DeviceClient, _patient
+
+    host_end, device_end = os.openpty()
+    tty.setraw(host_end)
+    tty.setraw(device_end)
+    client = DeviceClient(SerialLink(host_end, name="pty"))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LinkTimeout):
+            _patient(client, "flash.commit", {"sha256": "0" * 64}, total=60, idle=0.2, resends=2)
+        assert time.monotonic() - t0 < 2.0  # bounded by the resends, not by ``total``
+        frames = SerialDeframer().feed(os.read(device_end, 65536))
+        assert len(frames) == 3 and len({h["id"] for h, _ in frames}) == 1  # one request, sent three times
+    finally:
+        client.close()
+        os.close(device_end)
