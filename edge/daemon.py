@@ -219,6 +219,8 @@ class Daemon:
         """``handle`` plus the link's reliability: a re-sent state-changing request (same type, id and
         fields) gets the cached reply instead of running twice; a long one sends ``busy`` heartbeats."""
         key = None
+        if msg.type == HELLO:
+            session.replies.clear()  # a new host session: ids from an earlier one must not hit the cache
         if msg.type in IDEMPOTENT_BY_CACHE and msg.id is not None:
             key = (msg.type, msg.id, json.dumps(msg.data, sort_keys=True, default=str))
             cached = session.replies.get(key)
