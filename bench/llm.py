@@ -112,6 +112,7 @@ def llama_cpp(gguf: Path, threads: int, new_tokens: int) -> Callable[[str], Run]
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False, seed=0)
 
     def run(prompt: str) -> Run:
+        llm.reset()  # no KV reuse from the previous call: every engine prefills the whole prompt
         t0 = time.perf_counter()
         first = None
         pieces = []
