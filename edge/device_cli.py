@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="hold the A/B slot store and answer the control protocol (flash, status, slots)",
         description="The device daemon. At start it tries a pending slot once (health check) and keeps the "
         "previous slot if that fails; then it answers hello/status/flash/slot requests on a serial link "
-        "(SLIP + CRC32) and/or TCP (token required). With --voice it also runs the voice loop on the "
+        "(COBS + CRC32) and/or TCP (token required). With --voice it also runs the voice loop on the "
         "active slot; flashing works while it runs.",
     )
     serve.add_argument("--root", type=Path, default=Path("/var/lib/sottovoce"), help="device root (slots, state.json)")

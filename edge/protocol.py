@@ -7,7 +7,7 @@ either a reply of the request's type or an ``error`` (``code`` + human ``message
 Links (framing in ``edge.framing``):
 - ``TcpLink``: newline-terminated JSON header then the payload (Wyoming-shaped); TCP needs a
   pre-shared token proven by an HMAC-SHA256 challenge-response inside ``hello``.
-- ``SerialLink``: SLIP frames with CRC32 on any byte stream (a pty, a USB gadget, a pyserial URL);
+- ``SerialLink``: COBS frames with CRC32 on any byte stream (a pty, a USB gadget, a pyserial URL);
   bad frames are dropped and counted in ``bad_frames``. Serial is trusted by physical access.
 
 ``REQUESTS`` lists every request type and the fields it must carry (with their types), so both
@@ -262,7 +262,7 @@ class TcpLink:
 
 
 class SerialLink:
-    """Messages over a byte stream (pty fd, pyserial port): SLIP frames with CRC32.
+    """Messages over a byte stream (pty fd, pyserial port): COBS frames with CRC32.
 
     ``stream`` is either an ``int`` file descriptor or an object with ``read``/``write``
     (pyserial ``Serial``); frames that fail their CRC are dropped and counted in ``bad_frames``.

@@ -67,7 +67,7 @@ def test_status_counts_bad_frames_on_the_serial_link(tmp_path):
     d = Daemon(tmp_path / "dev", link="serial")
     try:
         client = connect(d.port_url)
-        client.link.stream.write(b"\xc0this is line noise\xc0\x01\x02\xc0")
+        client.link.stream.write(b"\x00this is line noise\x00\x01\x02\x00")
         assert client.status()["link"]["bad_frames"] == 2
         client.close()
     finally:

@@ -314,7 +314,7 @@ def test_a_socket_url_reaches_a_device_behind_a_serial_to_tcp_relay(tmp_path, sv
     relay = Ser2Net(d.port_url)
     try:
         r = flash_bundle(svbs["new"], relay.url)
-        assert r.verdict["verdict"] == "good" and r.wire_bytes_out > r.size  # SLIP frames, not raw TCP messages
+        assert r.verdict["verdict"] == "good" and r.wire_bytes_out > r.size  # COBS frames, not raw TCP messages
     finally:
         relay.close()
         d.stop()

@@ -11,7 +11,7 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.framing import SerialDeframer, encode_serial, encode_tcp, parse_tcp_header, slip_escape, slip_unescape
+from edge.framing import SerialDeframer, cobs_decode, cobs_encode, encode_serial, encode_tcp, parse_tcp_header
 from edge.protocol import (
     REQUESTS,
     Message,
@@ -28,7 +28,7 @@ headers = st.fixed_dictionaries({"type": st.sampled_from(sorted(REQUESTS)), "id"
                                 optional={"data": st.dictionaries(st.text(max_size=8), st.integers() | st.text())})
 
 
-@given(header=headers, payload=st.binary(max_size=3000) | st.sampled_from([b"\xc0" * 50, b"\xdb\xdc\xdd\xc0"]))
+@given(header=headers, payload=st.binary(max_size=3000) | st.sampled_from([b"\x00" * 600, bytes(range(256)) * 3, b"\xff" * 1000]))
 @settings(max_examples=150, deadline=None)
 def test_a_serial_frame_round_trips_any_header_and_payload(header, payload):
     d = SerialDeframer()
@@ -36,11 +36,20 @@ def test_a_serial_frame_round_trips_any_header_and_payload(header, payload):
     assert d.bad_frames == 0
 
 
-@given(data=st.binary(max_size=600))
-def test_slip_escaping_round_trips_and_never_contains_the_end_byte(data):
-    escaped = slip_escape(data)
-    assert b"\xc0" not in escaped
-    assert slip_unescape(escaped) == data
+@given(data=st.binary(max_size=1200) | st.lists(st.sampled_from([b"\x00", b"\x01" * 253, b"\x02" * 254, b"\x03" * 255]),
+                                                  max_size=8).map(b"".join))
+def test_cobs_round_trips_never_contains_the_delimiter_and_costs_at_most_one_byte_in_254(data):
+    encoded = cobs_encode(data)
+    assert b"\x00" not in encoded
+    assert cobs_decode(encoded) == data
+    assert len(encoded) <= len(data) + len(data) // 254 + 1
+
+
+def test_serial_framing_overhead_does_not_depend_on_the_content():
+    """int8 weights are full of the bytes SLIP would escape (C0, DB); COBS costs the same on anything."""
+    for payload in (bytes(4096), b"\xc0\xdb" * 2048, os.urandom(4096), b"\xff" * 4096):
+        frame = encode_serial({"type": "flash.chunk", "id": 123456, "data": {"offset": 123456789}}, payload)
+        assert len(frame) - len(payload) < 100
 
 
 def test_every_single_bit_flip_in_a_serial_frame_is_dropped_and_counted():
@@ -60,7 +69,7 @@ def test_every_single_bit_flip_in_a_serial_frame_is_dropped_and_counted():
 
 def test_the_serial_reader_resynchronizes_after_line_noise_and_split_reads():
     good = [encode_serial({"type": "status", "id": i}, bytes([i]) * i) for i in range(1, 6)]
-    stream = b"\x00garbage\xc0noise" + good[0] + b"\xc0\xc0" + good[1] + b"\xc0half-frame" + good[2] + b"".join(good[3:])
+    stream = b"\x00garbage\x00noise" + good[0] + b"\x00\x00" + good[1] + b"\x00half-frame" + good[2] + b"".join(good[3:])
     d = SerialDeframer()
     got = []
     for i in range(0, len(stream), 7):  # dribble the bytes in as a UART would
@@ -96,12 +105,12 @@ def test_serial_link_over_a_real_pseudo_terminal_pair():
     tty.setraw(master)
     port = serial.Serial(os.ttyname(slave), timeout=0.1)
     device, host = SerialLink(master, "pty"), SerialLink(port, "host")
-    payload = os.urandom(4096) + b"\xc0\xdb" * 10
+    payload = os.urandom(4096) + b"\x00\xc0\xdb" * 10
     host.send(Message("flash.chunk", 9, {"offset": 8192}, payload))
     assert device.recv(5) == Message("flash.chunk", 9, {"offset": 8192}, payload)
     device.send(Message("flash.chunk", 9, {"offset": 8192 + len(payload)}))
     assert host.recv(5).data == {"offset": 8192 + len(payload)}
-    os.write(master, b"\xc0line noise\xc0")
+    os.write(master, b"\x00line noise\x00")
     device.send(Message("status", 10))
     assert host.recv(5).id == 10 and host.bad_frames == 1
     host.close()
