@@ -12,6 +12,10 @@ Flash requests only touch ``incoming/`` and the inactive slot, so they run while
 serves the active one; ``slot.activate`` stops the loop, tries the new slot, and restarts the loop
 on whatever slot is active after the verdict. The daemon announces where it listens in
 ``ROOT/run/daemon.json`` and on stdout.
+
+Per link, the answers to state-changing requests are cached (a host re-sending a request whose
+answer was lost gets the same answer, nothing runs twice), and long requests send ``busy``
+heartbeats so the host can tell "working" from "lost".
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ flight (large chunks on TCP, ~4 KiB frames on serial), rewinds when the device r
 reconnects a bounded number of times when the link drops, then ``flash.commit``: the device
 answers with the sha256 it computed, which must equal the host's (verify-after-write). With
 ``activate`` the device then boots the new slot and answers the health verdict.
+
+Slow requests (begin, commit, activate) wait as long as the device sends ``busy`` heartbeats; a
+request or answer lost on the line is re-sent with the same id after a few silent seconds (the
+device answers repeats from its reply cache). A bundle the device already holds is not sent again.
 """
 
 from __future__ import annotations
