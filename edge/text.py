@@ -93,6 +93,17 @@ def abbreviation_kind(token: str) -> str | None:
     return None
 
 
+def _is_list_number(buf: str, i: int, line_start: bool) -> bool:
+    """True when the period at ``buf[i]`` ends a list number ("1.", "12.") that opens a line:
+    only whitespace before it in ``buf``, and a newline in that whitespace or ``line_start``
+    (the buffer itself begins a line)."""
+    token = word_before(buf, i)
+    if not (0 < len(token) <= 3 and token.isdigit()):
+        return False
+    before = buf[: i - len(token)]
+    return not before.strip() and (line_start or "\n" in before)
+
+
 def _count_words(text: str) -> int:
     return sum(1 for w in text.split() if is_speakable(w))
 
@@ -113,6 +124,7 @@ class ClauseSplitter:
         self.max_words = max_words
         self._buf = ""
         self._emitted = 0
+        self._line_start = True  # the buffer begins a line (start of reply, or after a newline)
 
     def push(self, piece: str) -> list[str]:
         """Add ``piece`` of the reply; return the clauses it completes, in order."""
@@ -127,6 +139,7 @@ class ClauseSplitter:
             out.append(rest)
         self._buf = ""
         self._emitted = 0
+        self._line_start = True
         return out
 
     # ------------------------------------------------------------------ internals
@@ -138,7 +151,10 @@ class ClauseSplitter:
             if cut is None:
                 return out
             clause = clean_for_speech(self._buf[:cut])
-            self._buf = self._buf[cut:].lstrip()
+            rest = self._buf[cut:]
+            gap = self._buf[cut - 1] + rest[: len(rest) - len(rest.lstrip())]
+            self._buf = rest.lstrip()
+            self._line_start = "\n" in gap
             if is_speakable(clause):
                 out.append(clause)
                 self._emitted += 1
@@ -195,6 +211,8 @@ class ClauseSplitter:
             if k == n:
                 return "skip" if final else "wait"
             hard = buf[k].isupper()  # "Well... Maybe" ends a sentence, "so... maybe" does not
+        if hard and marks == "." and _is_list_number(buf, i, self._line_start):
+            return "skip"  # "1. Mix the flour." is one clause, not "1." and "Mix the flour."
         if hard and marks.startswith("."):
             kind = abbreviation_kind(word_before(buf, i) + ".")
             if kind == "title":

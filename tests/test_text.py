@@ -140,6 +140,16 @@ def test_list_items_on_new_lines_become_clauses_without_bullets():
     assert out == ["You need:", "flour", "two eggs", "milk", "That is all."]
 
 
+def test_a_numbered_list_item_keeps_its_number_with_its_text():
+    text = "Here are the steps:\n1. Mix the flour.\n2. Add two eggs.\n10. Bake it."
+    for cut in (chars, words):
+        assert split_stream(cut(text)) == ["Here are the steps:", "1. Mix the flour.", "2. Add two eggs.",
+                                           "10. Bake it."]
+    assert split_stream(chars("1. First thing.\n2. Second thing.")) == ["1. First thing.", "2. Second thing."]
+    # a number ending a sentence inside a line is still a sentence end
+    assert split_stream(chars("He scored 3. Then 4. Done.")) == ["He scored 3.", "Then 4.", "Done."]
+
+
 def test_punctuation_and_emoji_alone_are_never_a_clause():
     assert split_stream(["🎉", " ... ", "!!", " **"]) == []
     assert split_stream([]) == []
