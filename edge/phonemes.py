@@ -60,16 +60,29 @@ _OPENERS = "(\"“"
 
 
 _CURRENCY = re.compile(r"([$€£])\s?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)")
-_CURRENCY_NAMES = {"$": "dollar", "€": "euro", "£": "pound"}
+#: sign -> (unit, units, hundredth, hundredths)
+_CURRENCY_NAMES = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
+                   "£": ("pound", "pounds", "penny", "pence")}
 
 
 def spell_currency(text: str) -> str:
-    """Move a currency sign after its amount as a word ("$5" -> "5 dollars", "£1" -> "1 pound"):
-    espeak-ng would otherwise read "$5" as "dollar five"."""
+    """Move a currency sign after its amount as words: "$5" -> "5 dollars", "£1" -> "1 pound",
+    "$19.99" -> "19 dollars 99 cents", "$0.50" -> "50 cents", "$2.00" -> "2 dollars" (espeak-ng
+    would read "$5" as "dollar five" and "$19.99" as "nineteen point nine nine"). Amounts with
+    other than two decimals keep their decimals ("$2.5" -> "2.5 dollars")."""
 
     def word(m: re.Match[str]) -> str:
-        amount, name = m.group(2), _CURRENCY_NAMES[m.group(1)]
-        return f"{amount} {name}" + ("" if amount == "1" else "s")
+        unit, units, sub, subs = _CURRENCY_NAMES[m.group(1)]
+        whole, _, frac = m.group(2).partition(".")
+        if len(frac) != 2:
+            return f"{m.group(2)} {unit if m.group(2) == '1' else units}"
+        spoken = []
+        if whole.replace(",", "").strip("0") or not frac.strip("0"):
+            spoken.append(f"{whole} {unit if whole == '1' else units}")
+        if frac.strip("0"):
+            cents = str(int(frac))
+            spoken.append(f"{cents} {sub if cents == '1' else subs}")
+        return " ".join(spoken)
 
     return _CURRENCY.sub(word, text)
 

@@ -96,7 +96,8 @@ def test_numbers_and_abbreviations_are_read_as_words(phonemizer):
     assert ps.endswith("ˈɛm.")  # "p.m." spelled out, then the full stop
     assert "pYnt" in phonemizer.phonemize("3.5")  # "three point five"
     assert phonemizer.phonemize("It costs $5.") == phonemizer.phonemize("It costs 5 dollars.")
-    assert spell_currency("$1, £2.50 and € 3") == "1 dollar, 2.50 pounds and 3 euros"
+    assert spell_currency("$1, £2.50 and € 3") == "1 dollar, 2 pounds 50 pence and 3 euros"
+    assert spell_currency("$19.99, $0.01 or $2.5") == "19 dollars 99 cents, 1 cent or 2.5 dollars"
 
 
 def test_the_long_lived_espeak_process_agrees_with_one_shot_calls_and_restarts_when_killed(vocab, espeak_available):
