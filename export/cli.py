@@ -106,6 +106,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--llm", type=Path, help="a local Hugging Face causal-LM directory to use instead of the recipe")
     exp.add_argument("--float", dest="quantize", action="store_false", help="ship every stage in float (no INT8)")
     exp.add_argument("--fallback-float", action="store_true", help="ship a stage that fails its gate in float")
+    exp.add_argument("--asr", metavar="RECIPE",
+                     help="ASR recipe instead of the default Moonshine (e.g. whisper-tiny-en: rebuilt, exported, INT8)")
     exp.add_argument("--wake", nargs="?", const="microwakeword", default=None,
                      help="include the optional wake-word stage (default recipe: microwakeword)")
     exp.add_argument("--version", dest="bundle_version", default="1", help="bundle version string (default 1)")
@@ -126,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export.builder import ExportOptions, build_bundle
 
     opts = ExportOptions(target=args.target, sign_key=args.sign_key, llm=args.llm, version=args.bundle_version,
-                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float, wake=args.wake)
+                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float, wake=args.wake, asr=args.asr)
     if args.out:
         opts.svb = args.out
         opts.out_dir = args.out.with_suffix("")

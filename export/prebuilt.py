@@ -31,9 +31,17 @@ def _io_of(path: Path) -> tuple[list[dict], list[dict]]:
     return desc(sess.get_inputs()), desc(sess.get_outputs())
 
 
-def check_io(path: Path, recipe: Recipe) -> tuple[list[dict], list[dict]]:
-    """Load ``path`` and check the names the recipe declares are among its inputs/outputs."""
-    inputs, outputs = _io_of(path)
+def check_io(paths: Path | list[Path], recipe: Recipe) -> tuple[list[dict], list[dict]]:
+    """Load the model file(s) and check the names the recipe declares are among their inputs/outputs.
+
+    A stage of several graphs (Moonshine: encoder + decoder) is checked over the union of their I/O.
+    """
+    inputs, outputs = [], []
+    for path in [paths] if isinstance(paths, Path) else paths:
+        ins, outs = _io_of(path)
+        inputs += [{**i, "graph": path.name} for i in ins]
+        outputs += [{**o, "graph": path.name} for o in outs]
+    path = paths if isinstance(paths, Path) else paths[0]
     want_in = {i["name"] for i in recipe.io.get("inputs", [])}
     want_out = {o["name"] for o in recipe.io.get("outputs", [])}
     have_in, have_out = {i["name"] for i in inputs}, {o["name"] for o in outputs}
@@ -45,13 +53,15 @@ def check_io(path: Path, recipe: Recipe) -> tuple[list[dict], list[dict]]:
     return inputs, outputs
 
 
-def import_prebuilt(recipe: Recipe, cache: Path, *, model_role: str, config: dict | None = None) -> StageArtifact:
+def import_prebuilt(recipe: Recipe, cache: Path, *, model_role: str | tuple[str, ...],
+                    config: dict | None = None) -> StageArtifact:
     """Turn a recipe's fetched files into a stage artifact, after checking hashes and I/O."""
     verify_cached(recipe, cache)
     root = model_dir(recipe, cache)
     files = {f.name: root / f.name for f in recipe.files if f.in_bundle}
     roles = {f.role: f.name for f in recipe.files if f.in_bundle}
-    inputs, outputs = check_io(root / recipe.file(model_role).name, recipe)
+    graphs = (model_role,) if isinstance(model_role, str) else model_role
+    inputs, outputs = check_io([root / recipe.file(r).name for r in graphs], recipe)
     scheme = "prebuilt-int8" if recipe.kind in ("kokoro", "moonshine") else "none"
     return StageArtifact(
         stage=recipe.stage,
@@ -74,11 +84,11 @@ def import_vad(recipe: Recipe, cache: Path) -> StageArtifact:
 
 
 def import_moonshine(recipe: Recipe, cache: Path) -> StageArtifact:
-    return import_prebuilt(recipe, cache, model_role="decoder",
+    return import_prebuilt(recipe, cache, model_role=("encoder", "decoder"),
                            config={"bos_id": 1, "eos_id": 2, "max_tokens_per_s": 6.5})
 
 
 def import_kokoro(recipe: Recipe, cache: Path) -> StageArtifact:
     return import_prebuilt(recipe, cache, model_role="model",
-                           config={"voice": recipe.extra.get("voice", "jf_alpha"), "speed": 1.0, "phonemizer": "espeak-ng",
+                           config={"voice": recipe.extra.get("voice", "jm_kumo"), "speed": 1.0, "phonemizer": "espeak-ng",
                                    "language": "en-us"})
