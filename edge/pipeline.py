@@ -195,7 +195,10 @@ class VoiceLoop:
         vad = self.stages.vad
         vad.reset()
         endpointer = Endpointer(cfg.endpoint)
-        pre_roll: collections.deque[AudioFrame] = collections.deque(maxlen=cfg.endpoint.frames(cfg.endpoint.pre_roll_ms))
+        ep = cfg.endpoint
+        pre_frames = ep.frames(ep.pre_roll_ms)
+        # the frames of the minimum-speech run are still in the pre-roll when the turn opens: keep both
+        pre_roll: collections.deque[AudioFrame] = collections.deque(maxlen=pre_frames + ep.frames(ep.min_speech_ms) + 1)
         turn: _Turn | None = None
         turn_id = 0
         last_index = -1
@@ -217,7 +220,7 @@ class VoiceLoop:
                     turn_id += 1
                     if source.realtime and cfg.barge_in:
                         self._barge_in(sink)
-                    start_frame = pre_roll[0].index if pre_roll else event.frame
+                    start_frame = event.frame - pre_frames
                     record = TurnRecord(turn=turn_id, speech_start_s=event.frame * FRAME_SAMPLES / SAMPLE_RATE,
                                         speech_end_s=0.0)
                     turn = _Turn(id=turn_id, record=record)

@@ -202,3 +202,19 @@ def test_a_stage_failure_stops_the_loop_and_surfaces_the_error():
     else:
         raise AssertionError("the loop swallowed a stage error")
     assert not [t for t in threading.enumerate() if t.name.startswith("sottovoce-") and t.is_alive()]
+
+
+def test_the_turn_audio_starts_a_pre_roll_before_the_first_speech_frame():
+    class RecordingAsr(ToneLengthAsr):
+        def transcribe(self, audio):
+            self.last = audio
+            return super().transcribe(audio)
+
+    asr = RecordingAsr()
+    stages = Stages(vad=EnergyVad(), asr=asr, llm=SlowWordsLlm(words=2), tts=BeepTts())
+    cfg = LoopConfig(endpoint=EndpointConfig(min_speech_ms=160, hangover_ms=320, pre_roll_ms=192, max_turn_s=10),
+                     partial_interval_s=5.0)
+    VoiceLoop(stages, History(), SentenceSplitter, cfg).run(ListSource(np.concatenate([gap(1.0), tone(1.0), gap(1.0)])),
+                                                            MemorySink())
+    leading_silence = int(np.argmax(np.abs(asr.last) > 0.03))
+    assert leading_silence >= 0.15 * SAMPLE_RATE  # the whole onset is there, with ~192 ms of room before it
