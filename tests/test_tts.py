@@ -187,3 +187,4 @@ def test_espeak_fallback_loads_without_model_files_and_is_understood(asr, espeak
     assert 1.0 < audio.size / 22050 < 4.0
     assert "paris" in heard(asr, audio, tts.sample_rate).lower()
     assert tts.synthesize(" !? ").size == 0
+    assert np.array_equal(tts.synthesize("It costs $5."), tts.synthesize("It costs 5 dollars."))

@@ -18,7 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from edge.bundle import StageSpec
-from edge.phonemes import PhonemizerError
+from edge.phonemes import PhonemizerError, spell_currency
 from edge.text import is_speakable
 
 SAMPLE_RATE = 22050
@@ -47,7 +47,8 @@ class EspeakSynthesizer:
 
     def synthesize(self, text: str) -> np.ndarray:
         """Speech for ``text``: float32 mono at 22,050 Hz; empty when ``text`` has no words."""
-        line = " ".join(text.split())
+        # "[[...]]" would be read by espeak-ng as phoneme input, not text; "$5" as "dollar five"
+        line = spell_currency(" ".join(text.replace("[", " ").replace("]", " ").split()))
         if not is_speakable(line):
             return np.zeros(0, dtype=np.float32)
         cmd = ["espeak-ng", "-b", "1", "-v", self.voice, "-s", str(self.speed), "--stdout", "--stdin"]
