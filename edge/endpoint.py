@@ -70,6 +70,11 @@ class Endpointer:
         self._last_speech = 0
         self._turn_start = 0
 
+    @property
+    def trailing_silence_frames(self) -> int:
+        """Silent frames since the last speech frame of the open turn (0 when idle or speaking)."""
+        return self._silence if self.in_turn else 0
+
     def push(self, index: int, probability: float) -> list[EndpointEvent]:
         """Consume the VAD probability of frame ``index``; return the events it decides (0 or 1)."""
         cfg = self.config

@@ -212,7 +212,9 @@ class VoiceLoop:
                 prob = prob if prob >= cfg.barge_in_threshold else 0.0
             events = endpointer.push(frame.index, prob)
             if turn is not None:
-                self._put(asr_q, ("audio", turn, frame))
+                # frames of the trailing silence (hangover) are kept but trigger no partial decode
+                self._put(asr_q, ("audio", turn, frame) if endpointer.trailing_silence_frames < 2
+                          else ("tail", turn, frame))
             else:
                 pre_roll.append(frame)
             for event in events:
@@ -281,9 +283,11 @@ class VoiceLoop:
             kind, turn, frame = item
             if kind == "start":
                 segment, samples, next_partial = [], 0, interval
-            elif kind == "audio":
+            elif kind in ("audio", "tail"):
                 segment.append(int16_to_float(frame.samples))
                 samples += len(frame.samples)
+                if kind == "tail":
+                    continue
                 # live input: skip a partial when the ASR lags (the final matters more); files: always
                 if samples >= next_partial and (not self._realtime or asr_q.qsize() < 8):
                     next_partial = samples + interval
@@ -296,6 +300,10 @@ class VoiceLoop:
                         turn.record.partials.append({"text": text, "at_s": at_s, "compute_ms": spent * 1000})
                         self.on_event("partial", {"turn": turn.id, "text": text})
             elif kind == "end":
+                if not self._realtime:
+                    # a file is read faster than real time: the endpoint is "now" only once the ASR has caught up
+                    # with the audio before it, as it would have live (partials overlap the speech there)
+                    turn.endpoint_wall = time.monotonic()
                 audio = np.concatenate(segment) if segment else np.zeros(0, np.float32)
                 segment, samples = [], 0
                 t0 = time.perf_counter()
