@@ -36,6 +36,9 @@ def make_session(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    # Stages run concurrently (LLM decoding while TTS speaks the previous clause): spinning worker threads would
+    # burn the cores the other stage needs, so idle threads sleep instead of spinning.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     have = set(ort.get_available_providers())

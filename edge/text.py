@@ -115,13 +115,16 @@ class ClauseSplitter:
     what is left at the end of the reply and resets the splitter for the next one. Every clause
     returned is cleaned for speech (``clean_for_speech``) and speakable. Parameters: a soft break
     (, ; : — …) cuts once the clause has ``min_words`` words (``first_min_words`` for the first
-    clause of a reply); a clause with no break is cut at a space after ``max_words`` words.
+    clause of a reply); a clause with no break is cut at a space after ``max_words`` words
+    (``first_max_words`` for the first clause: the reply's first audio waits for it, so it is kept short).
     """
 
-    def __init__(self, min_words: int = 6, first_min_words: int = 3, max_words: int = 30) -> None:
+    def __init__(self, min_words: int = 6, first_min_words: int = 2, max_words: int = 30,
+                 first_max_words: int = 10) -> None:
         self.min_words = min_words
         self.first_min_words = first_min_words
         self.max_words = max_words
+        self.first_max_words = first_max_words
         self._buf = ""
         self._emitted = 0
         self._line_start = True  # the buffer begins a line (start of reply, or after a newline)
@@ -173,7 +176,7 @@ class ClauseSplitter:
                 if is_speakable(buf[:i]):
                     return i + 1
             elif ch.isspace():
-                if _count_words(buf[:i]) >= self.max_words:
+                if _count_words(buf[:i]) >= (self.first_max_words if self._emitted == 0 else self.max_words):
                     return i
             elif ch in _BREAK_CHARS:
                 j = i

@@ -120,9 +120,16 @@ def test_semicolons_colons_and_dashes_are_soft_breaks():
 
 def test_a_long_run_without_punctuation_is_cut_at_a_space():
     text = " ".join(f"word{i}" for i in range(70))
-    out = split_stream(words(text), max_words=30)
+    out = split_stream(words(text), max_words=30, first_max_words=30)
     assert [len(c.split()) for c in out] == [30, 30, 10]
     assert " ".join(out) == text
+
+
+def test_the_first_clause_is_kept_short_so_the_first_audio_comes_soon():
+    text = " ".join(f"word{i}" for i in range(45))
+    out = split_stream(words(text))
+    assert [len(c.split()) for c in out] == [10, 30, 5]
+    assert split_stream(words("One day, a robot woke up on the moon and looked around."))[0] == "One day,"
 
 
 def test_question_and_exclamation_marks_end_clauses_with_closing_quotes_kept():
@@ -157,9 +164,9 @@ def test_punctuation_and_emoji_alone_are_never_a_clause():
 
 def test_flush_resets_the_splitter_for_the_next_reply():
     splitter = ClauseSplitter()
-    assert splitter.push("Hello there, friend") == []
-    assert splitter.flush() == ["Hello there, friend"]
-    assert splitter.push("Yes, it is,") == []  # first-clause rule applies again: three words
+    assert splitter.push("Hi, friend") == []
+    assert splitter.flush() == ["Hi, friend"]
+    assert splitter.push("Yes, it is,") == []  # first-clause rule applies again: two words at least
     assert splitter.push(" ok.") == ["Yes, it is,"]
     assert splitter.flush() == ["ok."]
 
