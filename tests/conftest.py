@@ -42,3 +42,9 @@ def voice_session(x86_bundle):
     from edge.session import build_session
 
     return build_session(x86_bundle)
+
+
+@pytest.fixture(scope="session")
+def x86_svb(x86_bundle) -> Path:
+    """The packed form of the real x86-dev bundle."""
+    return x86_bundle.with_suffix(".svb")

@@ -294,14 +294,11 @@ def test_devices_lists_what_answers_hello(tmp_path):
         d2.stop()
 
 
-REAL = REPO / "dist" / "x86-dev.svb"
-
-
-@pytest.mark.skipif(not REAL.is_file(), reason="dist/x86-dev.svb not built (run `sottovoce export`)")
-def test_the_real_x86_dev_bundle_flashes_over_a_pty_and_passes_the_real_health_check(tmp_path):
+@pytest.mark.models
+def test_the_real_x86_dev_bundle_flashes_over_a_pty_and_passes_the_real_health_check(tmp_path, x86_svb):
     from sottovoce.virtual_device import flash_virtual_device
 
-    bundle_dir = flash_virtual_device(REAL, tmp_path / "device", quiet=True)
+    bundle_dir = flash_virtual_device(x86_svb, tmp_path / "device", quiet=True)
     st_ = state(tmp_path / "device")
     assert st_["last_boot"]["verdict"] == "good" and bundle_dir == tmp_path / "device" / "slots" / st_["active"]
     assert (bundle_dir / "manifest.json").is_file()
@@ -337,8 +334,8 @@ def test_a_device_with_a_trusted_key_refuses_unsigned_bundles_and_takes_signed_o
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL.is_file(), reason="dist/x86-dev.svb not built (run `sottovoce export`)")
-def test_flashing_works_while_the_voice_loop_answers_on_the_active_slot(tmp_path):
+def test_flashing_works_while_the_voice_loop_answers_on_the_active_slot(tmp_path, x86_svb):
+    REAL = x86_svb
     import json
     import time as _time
 
