@@ -1,5 +1,9 @@
 """LLM benchmark: our edge runtime (fp32 and int8 exports) vs torch float (and llama.cpp when installed).
 
+Engines: ``ours-fp32``; ``ours-int8`` (int8 weight blocks, embedding and LM head float: the default
+``keep_float``); ``ours-int8+head`` (the LM head int8 too, ``keep_float=("embed_tokens",)``);
+``torch-fp32``; ``llama.cpp-q4_1``.
+
 For each chat prompt and each engine: time to first token (prefill), decode tokens/s (greedy, no
 sampling) and the reply; a reply is "same" when it equals torch float's reply. Prints a table, or
 JSON with ``--json``.
@@ -146,12 +150,12 @@ def bench(threads: int = 2, new_tokens: int = 48, rounds: int = 2, with_torch: b
     workdir = default_cache_dir() / "export" / "llm"
     fp32 = export_llm(recipe, workdir=workdir, quantization="none", measure=False)
     int8 = export_llm(recipe, workdir=workdir, quantization="dynamic-int8", measure=False)
-    engines: list[tuple[str, Callable[[str], Run], float | None]] = [
-        ("ours-fp32", ours(fp32.files["model.onnx"], fp32.files["tokenizer.json"], fp32.config, threads, new_tokens,
-                           "ours-fp32"), fp32.files["model.onnx"].stat().st_size / 1e6),
-        ("ours-int8", ours(int8.files["model.onnx"], int8.files["tokenizer.json"], int8.config, threads, new_tokens,
-                           f"ours-{int8.quantization['scheme']}"), int8.files["model.onnx"].stat().st_size / 1e6),
-    ]
+    int8_head = export_llm(recipe, workdir=workdir, quantization="dynamic-int8", keep_float=("embed_tokens",),
+                           measure=False)
+    engines: list[tuple[str, Callable[[str], Run], float | None]] = []
+    for name, art in (("ours-fp32", fp32), ("ours-int8", int8), ("ours-int8+head", int8_head)):
+        engines.append((name, ours(art.files["model.onnx"], art.files["tokenizer.json"], art.config, threads,
+                                   new_tokens, name), art.files["model.onnx"].stat().st_size / 1e6))
     if with_torch:
         hf_dir = workdir / cache_key(resolve_source(recipe)) / "hf"
         engines.append(("torch-fp32", torch_float(hf_dir, threads, new_tokens, list(fp32.config["eos_token_ids"])),

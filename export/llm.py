@@ -403,9 +403,11 @@ def _model_files(model_path: Path) -> dict[str, Path]:
 
 def export_llm(
     source: Recipe | Path | str = RECIPE,
+    out_dir: Path | None = None,
     *,
     workdir: Path | None = None,
     quantization: str = "none",
+    keep_float: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
     cache: Path | None = None,
     measure: bool = True,
@@ -414,7 +416,10 @@ def export_llm(
 
     ``quantization``: ``none`` | ``dynamic-int8`` | ``static-qdq-s8s8`` | ``nncf-int8`` | ``fp16`` (the
     schemes ``export.llm_quant`` cannot do yet fall back to ``dynamic-int8`` with ``quantization['note']``).
-    Files by role: ``model`` (``model.onnx``), ``tokenizer`` (``tokenizer.json``); ``config`` holds the
+    ``keep_float``: weight MatMuls int8 leaves float, by name part (default ``llm_quant.KEEP_FLOAT``,
+    embedding and LM head; a board profile's ``llm_keep_float``).
+    Files by role: ``model`` (``model.onnx``), ``tokenizer`` (``tokenizer.json``), placed (hard-linked
+    when possible) in ``out_dir`` (default ``workdir/<key>/stage/<scheme>``); ``config`` holds the
     runtime settings (``stage_config``). ``drift`` records the greedy match against torch and, when
     quantized, the gates. Intermediate results are cached under ``workdir`` (default ``default_workdir()``).
     Raises ``ConfigError`` for an unknown scheme, ``ModelFileError`` when the export or the exported
@@ -423,6 +428,7 @@ def export_llm(
 
     if quantization not in llm_quant.SCHEMES:
         raise ConfigError(f"llm quantization {quantization!r} is not one of {', '.join(llm_quant.SCHEMES)}")
+    keep = tuple(llm_quant.KEEP_FLOAT if keep_float is None else keep_float)
     say = progress or (lambda _msg: None)
     src = resolve_source(source, cache)
     work = Path(workdir or default_workdir()) / cache_key(src)
@@ -457,7 +463,7 @@ def export_llm(
         report["float"] = measure_speed(float_lm, src.system_prompt)
     if quantization != "none":
         result = llm_quant.quantize_and_gate(float_model, float_lm, tok_path, config, quantization,
-                                             work / llm_quant.scheme_dir(quantization), src.gates, say)
+                                             work / llm_quant.scheme_dir(quantization, keep), src.gates, say, keep)
         chosen, quant, gate_drift = result.model, {**result.quantization, "float_bytes": float_bytes}, result.drift
         drift.update(gate_drift)
         if measure:
@@ -465,7 +471,8 @@ def export_llm(
             if report["float"]["tokens_per_s"]:
                 report["speedup_vs_float"] = round(report[quant["scheme"]]["tokens_per_s"]
                                                    / report["float"]["tokens_per_s"], 2)
-    stage_dir = work / "stage" / quant["scheme"]
+    variant = quant["scheme"] if quantization == "none" else llm_quant.scheme_dir(quantization, keep)[len("onnx-"):]
+    stage_dir = Path(out_dir) if out_dir is not None else work / "stage" / variant
     files = {name: _place(p, stage_dir / name) for name, p in _model_files(chosen).items()}
     files["tokenizer.json"] = _place(tok_path, stage_dir / "tokenizer.json")
     inputs, outputs = _io(files["model.onnx"])

@@ -178,3 +178,54 @@ def test_int8_gate_rejects_a_model_whose_lm_head_is_quantized(tmp_path, model_ca
     bad_lm = runtime_model(bad, float_artifact.files["tokenizer.json"], float_artifact.config)
     m = teacher_forced(llm, bad_lm, gate_sequences(llm)[:4])
     assert m["top1_agreement"] < 0.95 or m["ppl_candidate"] / m["ppl_float"] > 1.05
+
+
+def test_untied_lm_head_computes_the_same_logits_and_becomes_quantizable(tmp_path):
+    """A tied head (``logits = h @ Transpose(embedding)``, as optimum exports SmolLM2) gets a weight of its
+    own; the graph's output is unchanged, and only then can ``keep_float`` without ``lm_head`` pick it."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.llm_quant import KEEP_FLOAT, untie_lm_head, weight_matmuls
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["model.embed_tokens.weight", "input_ids"], ["h0"], name="/model/embed_tokens/Gather"),
+         helper.make_node("MatMul", ["h0", "layer.w"], ["h1"], name="/model/layers.0/mlp/MatMul"),
+         helper.make_node("Transpose", ["model.embed_tokens.weight"], ["model.embed_tokens.weight_transposed"]),
+         helper.make_node("MatMul", ["h1", "model.embed_tokens.weight_transposed"], ["logits"], name="/lm_head/MatMul")],
+        "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, 50])],
+        [numpy_helper.from_array(emb, "model.embed_tokens.weight"), numpy_helper.from_array(w, "layer.w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    ids = np.array([[3, 7, 49]], np.int64)
+
+    def run(m) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+
+    before = run(model)
+    assert weight_matmuls(model, ("embed_tokens",))[0] == ["/model/layers.0/mlp/MatMul"]  # tied: not a weight
+    untie_lm_head(model)
+    np.testing.assert_allclose(run(model), before, rtol=1e-6)
+    assert not any(n.op_type == "Transpose" for n in model.graph.node)
+    assert weight_matmuls(model, ("embed_tokens",))[0] == ["/model/layers.0/mlp/MatMul", "/lm_head/MatMul"]
+    assert weight_matmuls(model, KEEP_FLOAT)[0] == ["/model/layers.0/mlp/MatMul"]
+    onnx.checker.check_model(model)
+
+
+@pytest.mark.slow
+def test_int8_with_quantized_lm_head_passes_its_gate_and_answers(model_cache, float_artifact):
+    from export.llm import export_llm
+
+    art = export_llm("smollm2-135m-instruct", workdir=model_cache / "export" / "llm", quantization="dynamic-int8",
+                     keep_float=("embed_tokens",), cache=model_cache, measure=False)
+    assert art.quantization["keep_float"] == ["embed_tokens"] and "LM head" not in art.quantization["float"]
+    assert art.drift["gate"] == "passed", art.drift
+    assert art.files["model.onnx"].parent.name == "dynamic-int8-keep-embed_tokens"
+    pieces, _ = _ask(_load(art), "What is the capital of France?")
+    assert "Paris" in "".join(pieces)
