@@ -53,6 +53,10 @@ _IPA_TO_KOKORO: tuple[tuple[str, str], ...] = tuple(sorted({
     "ɜːɹ": "ɜɹ", "ɜː": "ɜɹ", "ɪə": "iə", "ː": "",
 }.items(), key=lambda kv: -len(kv[0])))
 _SYLLABIC = re.compile("(\\S)\u0329")
+#: The pronoun "I" ("a^ɪ", "a^ɪm", "a^ɪɐm" for "I am") as espeak-ng writes it: a word that starts
+#: with a^ɪ and has no stress mark. Kokoro all but swallows it unstressed ("I set a timer" came back
+#: from the ASR as "Set a timer" with every voice), so it gets secondary stress.
+_UNSTRESSED_I = re.compile("(?<!\\S)(a\\^ɪ[^\\sˈˌ]*)(?!\\S)")
 
 #: Punctuation that separates the pieces handed to espeak-ng (and is put back into the phonemes).
 CLAUSE_PUNCT = ",;:!?.…—()\"“”"
@@ -101,9 +105,10 @@ def have_espeak() -> bool:
 def ipa_to_kokoro(ipa: str) -> str:
     """Map espeak-ng IPA (``--ipa --tie=^``, American English) to Kokoro's symbols.
 
-    The result may still hold symbols outside a given vocabulary; ``Phonemizer`` filters those.
+    The pronoun "I" gets secondary stress (see ``_UNSTRESSED_I``). The result may still hold
+    symbols outside a given vocabulary; ``Phonemizer`` filters those.
     """
-    out = ipa
+    out = _UNSTRESSED_I.sub("ˌ\\1", ipa)
     for old, new in _IPA_TO_KOKORO:
         out = out.replace(old, new)
     out = _SYLLABIC.sub("ᵊ\\1", out).replace("\u0329", "")

@@ -72,6 +72,11 @@ def test_ipa_maps_diphthongs_affricates_and_r_to_kokoro_symbols():
     assert ipa_to_kokoro("θɹˈiː bˈɜːd tˈiːt^ʃɚ kˈæpɪɾə^l ɐbˈaʊt") == "θɹˈi bˈɜɹd tˈiʧəɹ kˈæpɪɾᵊl əbˈaʊt"
 
 
+def test_the_pronoun_i_gets_secondary_stress_and_other_words_keep_theirs():
+    assert ipa_to_kokoro("a^ɪɐm sˈɑːɹi a^ɪ dɪdnˌɑːt") == "ˌIəm sˈɑɹi ˌI dɪdnˌɑt"
+    assert ipa_to_kokoro("ma^ɪ ˈa^ɪ wˌa^ɪ") == "mI ˈI wˌI"  # "my eye, why": not the pronoun
+
+
 def test_phonemes_hold_only_symbols_of_the_kokoro_vocabulary(phonemizer, vocab):
     for text in TEXTS:
         ps = phonemizer.phonemize(text)
@@ -151,9 +156,10 @@ def test_kokoro_speaks_paris_as_non_silent_24khz_audio_of_plausible_length(kokor
 
 def test_kokoro_speech_is_understood_by_the_asr(kokoro, asr):
     pairs = []
-    for text in (PARIS, "Set a timer for ten minutes."):
+    for text in (PARIS, "I set a timer for ten minutes."):
         pairs.append((text, heard(asr, kokoro.synthesize(text), kokoro.sample_rate)))
     assert "paris" in pairs[0][1].lower(), pairs
+    assert pairs[1][1].lower().startswith("i "), pairs  # an unstressed "I" used to be swallowed
     assert corpus_wer(pairs) <= ROUNDTRIP_WER_BOUND, pairs
 
 

@@ -23,9 +23,11 @@ from edge.onnx import make_session
 from edge.phonemes import Phonemizer
 
 SAMPLE_RATE = 24000
-#: Only Japanese voices ship; all speak English with an accent. Round trip through Moonshine base-en
-#: (corpus WER on 6 + 22 + 15 sentences): jm_kumo 4.3/3.5/3.3 %, jf_gongitsune 8.5/1.4/5.7 %,
-#: jf_nezumi 8.5/3.5/4.9 %, jf_tebukuro 8.5/3.5/7.4 %, jf_alpha 14.9/2.8/9.8 %.
+#: Only Japanese voices ship; all speak English with an accent. Round trip through Moonshine base-en,
+#: corpus WER on 20 assistant-style replies / the 22 eval-set requests (with the stressed "I"):
+#: jm_kumo 2.0/3.5 %, jf_gongitsune 2.6/0.7 %, jf_nezumi 2.6/3.5 %, jf_alpha 3.9/2.1 %,
+#: jf_tebukuro 5.3/2.8 % (several "errors" are the scorer's: "I'm" for "I am", "7.30" for "7:30").
+#: jm_kumo is best on replies, which is what the TTS speaks; jf_gongitsune is as good.
 DEFAULT_VOICE = "jm_kumo"
 #: ids per model call (the model's 512 positions less the two 0 pads)
 MAX_PHONEMES = 510
