@@ -51,6 +51,7 @@ class ExportOptions:
     fallback_float: bool = False
     wake: str | None = None  # optional wake-word recipe to include (e.g. "microwakeword")
     asr: str | None = None  # ASR recipe instead of the default (e.g. "whisper-tiny-en")
+    llm_quant: str | None = None  # LLM scheme instead of the board's (export.llm_quant.SCHEMES)
 
 
 @dataclass
@@ -122,8 +123,11 @@ def _export_stage(recipe: Recipe, profile: BoardProfile, opts: ExportOptions, ca
     if recipe.stage == "llm":
         from export.llm import export_llm
 
-        scheme = profile.section("quantization").get("llm", "none") if quantize else "none"
+        board = profile.section("quantization")
+        scheme = (opts.llm_quant or board.get("llm", "none")) if quantize else "none"
+        keep = board.get("llm_keep_float")
         return export_llm(opts.llm or recipe, workdir=workdir / "llm", quantization=scheme,
+                          keep_float=tuple(keep) if keep is not None else None,
                           progress=lambda msg: status("llm", msg))
     if recipe.stage == "wake":
         from export.wake import export_wake

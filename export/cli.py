@@ -110,6 +110,11 @@ def register_export(sub: argparse._SubParsersAction) -> None:
                      help="ASR recipe instead of the default Moonshine (e.g. whisper-tiny-en: rebuilt, exported, INT8)")
     exp.add_argument("--wake", nargs="?", const="microwakeword", default=None,
                      help="include the optional wake-word stage (default recipe: microwakeword)")
+    exp.add_argument("--llm-quant", metavar="SCHEME",
+                     choices=("dynamic-int8", "nncf-int8", "static-qdq-s8s8", "fp16", "none"),
+                     help="LLM quantization instead of the board's: dynamic-int8 (int8 blocks, int8 compute), "
+                          "nncf-int8 (NNCF weight compression), static-qdq-s8s8 (calibrated QDQ, TensorRT's "
+                          "format), fp16, none; the gate still decides")
     exp.add_argument("--version", dest="bundle_version", default="1", help="bundle version string (default 1)")
     exp.add_argument("--cache", type=Path, help="model cache (default: $SOTTOVOCE_CACHE or ~/.cache/sottovoce)")
     exp.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -128,7 +133,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export.builder import ExportOptions, build_bundle
 
     opts = ExportOptions(target=args.target, sign_key=args.sign_key, llm=args.llm, version=args.bundle_version,
-                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float, wake=args.wake, asr=args.asr)
+                         cache=args.cache, quantize=args.quantize, fallback_float=args.fallback_float, wake=args.wake, asr=args.asr,
+                         llm_quant=args.llm_quant)
     if args.out:
         opts.svb = args.out
         opts.out_dir = args.out.with_suffix("")

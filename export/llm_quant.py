@@ -14,8 +14,12 @@
   same nodes gave top-1 agreement 0.59 / perplexity ratio 1.43 (0.87 with ``down_proj`` left float):
   the per-tensor activation scale cannot cover this model's activation outliers; blocks of 32 can.
 - ``fp16``: float16 weights and compute, float32 inputs/outputs (the KV cache stays float32).
-- ``static-qdq-s8s8`` and ``nncf-int8`` are not implemented for the LLM yet: they fall back to
-  ``dynamic-int8`` and say so in ``quantization['note']``.
+- ``nncf-int8``: NNCF weight compression (``nncf.compress_weights``, ``INT8_SYM``: int8 weights per
+  output channel, dequantized to float at run time by ``DequantizeLinear``) on the same weight MatMuls;
+  the option for a user who wants NNCF's recipe (smaller file, float compute).
+- ``static-qdq-s8s8``: onnxruntime static QDQ, int8 weights per channel and int8 activations per
+  tensor calibrated (MinMax) on ``CALIBRATION_PROMPTS`` (never the gate's prompts) with float's own
+  greedy continuations; the format TensorRT's int8 path takes. The gate decides whether it ships.
 The gate (teacher forcing, both deterministic, the result cached beside the model):
 - top-1 next-token agreement of candidate with float over float's own greedy continuations
   (<= ``CONTINUATION_TOKENS``) of the ``GATE_SET`` questions, >= the recipe's ``top1_agreement``;
@@ -36,8 +40,8 @@ import numpy as np
 from edge.stages.base import ChatMessage
 
 SCHEMES = ("none", "dynamic-int8", "static-qdq-s8s8", "nncf-int8", "fp16")
-#: schemes this module does not implement for the LLM, and what they fall back to
-FALLBACK = {"static-qdq-s8s8": "dynamic-int8", "nncf-int8": "dynamic-int8"}
+#: schemes this module does not implement for the LLM, and what they fall back to (none left)
+FALLBACK: dict[str, str] = {}
 KEEP_FLOAT = ("embed_tokens", "lm_head")
 DEFAULT_TOP1 = 0.95
 DEFAULT_PPL_RATIO = 1.05
@@ -64,6 +68,19 @@ GATE_SET: tuple[tuple[str, str], ...] = (
     ("Translate hello into Spanish.", "Hello in Spanish is hola."),
     ("What should I cook for dinner tonight?", "How about a simple pasta with tomatoes, garlic and basil?"),
 )
+
+
+#: calibration questions for static QDQ: everyday assistant turns, disjoint from ``GATE_SET``
+CALIBRATION_PROMPTS: tuple[str, ...] = (
+    "Turn on the kitchen lights.", "What time is it in Tokyo?", "How do I make a cup of tea?",
+    "Remind me to call my mother tomorrow.", "What is the tallest mountain in the world?",
+    "How many legs does a spider have?", "Tell me something interesting about octopuses.",
+    "What is the boiling point of water?", "Play some relaxing music.", "Who painted the Mona Lisa?",
+    "How do plants make their food?", "What is a good name for a cat?", "Spell the word necessary.",
+    "How long should I sleep each night?", "What is the square root of eighty-one?",
+    "Why do leaves change color in autumn?",
+)
+CALIBRATION_NEW_TOKENS = 24
 
 
 def scheme_dir(scheme: str, keep_float: Sequence[str] = KEEP_FLOAT) -> str:
@@ -196,10 +213,77 @@ def quantize_matmul_int8_blocks(src: Path | Any, dst: Path, exclude_nodes: Seque
     return dst
 
 
-def quantize_model(float_model: Path, out: Path, scheme: str, keep_float: Sequence[str] = KEEP_FLOAT
-                   ) -> tuple[Path, dict[str, Any]]:
+def compress_weights_nncf(src: Path, dst: Path, exclude_nodes: Sequence[str]) -> Path:
+    """NNCF ``compress_weights`` (``INT8_SYM``, per output channel) on every weight MatMul of ``src``
+    except ``exclude_nodes``; writes ``dst`` (one file) and returns it."""
+    import nncf
+    import onnx
+
+    from edge.errors import ModelFileError
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model = onnx.load(str(src))
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM,
+                                           ignored_scope=nncf.IgnoredScope(names=list(exclude_nodes),
+                                                                           validate=False))
+        onnx.save(compressed, str(dst))
+    except Exception as exc:  # nncf raises its own and plain exceptions
+        raise ModelFileError(f"NNCF weight compression of {src.name} failed: "
+                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+    return dst
+
+
+def calibration_feeds(float_lm, model: Path) -> list[dict[str, np.ndarray]]:
+    """Feeds for static calibration: each of ``CALIBRATION_PROMPTS`` with float's greedy continuation
+    (``CALIBRATION_NEW_TOKENS``) as one prefill pass from an empty cache, so that the activations of the
+    prompt and of generated text are both seen (a causal model computes the same values either way)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    inputs = {i.name: i for i in graph.input}
+    past = [n for n in inputs if n.startswith("past_key_values.")]
+    kv_heads, head_dim = float_lm.config.num_kv_heads, float_lm.config.head_dim
+    feeds = []
+    for question in CALIBRATION_PROMPTS:
+        prompt = float_lm.encode_chat([ChatMessage("system", SYSTEM), ChatMessage("user", question)])
+        ids = prompt + list(float_lm.generate_ids(prompt, CALIBRATION_NEW_TOKENS))
+        feed = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+        if "logits_to_keep" in inputs:
+            feed["logits_to_keep"] = np.array([1], np.int64)
+        for name in past:
+            feed[name] = np.zeros((1, kv_heads, 0, head_dim), np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def quantize_static_llm(src: Path, dst: Path, float_lm, exclude_nodes: Sequence[str]) -> Path:
+    """Static QDQ S8S8 on the weight MatMuls of ``src`` except ``exclude_nodes``, calibrated with
+    ``calibration_feeds``; writes ``dst`` and returns it."""
+    from export.quantize import ListDataReader, quantize_static_qdq
+
+    quant, _ = weight_matmuls(src, ())
+    nodes_to_exclude = [n for n in exclude_nodes]
+    return quantize_static_qdq(src, dst, ListDataReader(calibration_feeds(float_lm, src)), op_types=["MatMul"],
+                               exclude_nodes=nodes_to_exclude + _non_weight_matmuls(src, quant))
+
+
+def _non_weight_matmuls(model: Path, weight_nodes: Sequence[str]) -> list[str]:
+    """MatMul nodes of ``model`` that are not in ``weight_nodes`` (attention's activation x activation)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    wanted = set(weight_nodes)
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in wanted]
+
+
+def quantize_model(float_model: Path, out: Path, scheme: str, keep_float: Sequence[str] = KEEP_FLOAT,
+                   float_lm=None) -> tuple[Path, dict[str, Any]]:
     """Write the ``scheme`` model to ``out/model.onnx`` (cached) and describe it for the manifest;
-    ``keep_float`` names the weight MatMuls int8 leaves float (the token embedding always stays float)."""
+    ``keep_float`` names the weight MatMuls int8 leaves float (the token embedding always stays float);
+    ``float_lm`` (the float runtime) calibrates static schemes."""
     import onnx
 
     from export.quantize import convert_fp16
@@ -221,6 +305,31 @@ def quantize_model(float_model: Path, out: Path, scheme: str, keep_float: Sequen
         if not (out / "done.json").is_file():
             shutil.rmtree(out, ignore_errors=True)
             quantize_matmul_int8_blocks(model, dst, keep)
+    elif scheme == "nncf-int8":
+        quant, keep = weight_matmuls(float_model, keep_float)
+        desc = {"scheme": "nncf-int8", "weights": "int8 symmetric per output channel (NNCF compress_weights "
+                                                  "INT8_SYM, DequantizeLinear)",
+                "activations": "float32", "float": "token embedding, " + ("LM head, " if "lm_head" in keep_float
+                                                                           else "") + "attention, norms",
+                "keep_float": sorted(keep_float), "quantized_nodes": len(quant), "float_matmuls": len(keep),
+                "calibration": {"name": "none (weight-only)"}}
+        if not (out / "done.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            compress_weights_nncf(float_model, dst, keep)
+    elif scheme == "static-qdq-s8s8":
+        quant, keep = weight_matmuls(float_model, keep_float)
+        desc = {"scheme": "static-qdq-s8s8", "weights": "int8 symmetric per channel (QDQ)",
+                "activations": "int8 per tensor, static (MinMax calibration)",
+                "float": "token embedding, " + ("LM head, " if "lm_head" in keep_float else "")
+                         + "attention score MatMuls, norms",
+                "keep_float": sorted(keep_float), "quantized_nodes": len(quant), "float_matmuls": len(keep),
+                "calibration": {"name": "CALIBRATION_PROMPTS + float greedy continuations",
+                                "prompts": len(CALIBRATION_PROMPTS), "new_tokens": CALIBRATION_NEW_TOKENS}}
+        if not (out / "done.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            if float_lm is None:
+                raise ValueError("static-qdq-s8s8 needs the float model's runtime for calibration")
+            quantize_static_llm(float_model, dst, float_lm, keep)
     elif scheme == "fp16":
         desc = {"scheme": "fp16", "weights": "float16", "activations": "float16",
                 "float": "inputs/outputs and KV cache stay float32", "calibration": {"name": "none"}}
@@ -252,7 +361,7 @@ def quantize_and_gate(
 
     actual = FALLBACK.get(scheme, scheme)
     say(f"quantizing the LLM ({actual})")
-    model, desc = quantize_model(float_model, out, actual, keep_float)
+    model, desc = quantize_model(float_model, out, actual, keep_float, float_lm)
     if actual != scheme:
         desc = {**desc, "requested": scheme,
                 "note": f"{scheme} is not implemented for the LLM stage yet; shipped {actual} instead"
