@@ -494,8 +494,10 @@ def serve(
     voice: bool = False,
     voice_input: str = "device",
     voice_output: str | None = None,
+    mdns: bool = True,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT: boot the slot store, then serve the links. Returns the exit code."""
+    """Run the daemon until SIGTERM/SIGINT: boot the slot store, then serve the links (a TCP port is
+    announced over mDNS unless ``mdns`` is False or zeroconf is absent). Returns the exit code."""
     from edge.bundle import load_public_key
 
     if not serial and not tcp:
@@ -527,10 +529,17 @@ def serve(
     announce: dict[str, Any] = {"pid": os.getpid(), "root": str(root)}
     threads: list[threading.Thread] = []
     srv = None
+    mdns_entry = None
     if tcp:
         host, port = parse_host_port(tcp)
         srv, addr = daemon.serve_tcp(host, port)
         announce["tcp"] = addr
+        if mdns:
+            from edge.mdns import announce as mdns_announce
+
+            bound_host, _, bound_port = addr.rpartition(":")
+            mdns_entry = mdns_announce(f"{socket.gethostname()}-{bound_port}", bound_host, int(bound_port),
+                                       {"board": board or "x86-dev", "protocol": str(PROTOCOL_VERSION), "version": __version__})
     if serial:
         fd, path, _keep = daemon.open_serial(serial)
         announce["serial"] = path
@@ -554,5 +563,7 @@ def serve(
         runner.stop()
     if srv is not None:
         srv.close()
+    if mdns_entry is not None:
+        mdns_entry.close()
     (root / "run" / "daemon.json").unlink(missing_ok=True)
     return 0

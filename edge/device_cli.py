@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="health check a new slot must pass (default edge.runtime:health_check)")
     serve.add_argument("--quota", type=int, help="bytes the slot store may use in all (default: the disk)")
     serve.add_argument("--board", help="this device's board profile; bundles for another target are refused")
+    serve.add_argument("--no-mdns", dest="mdns", action="store_false",
+                       help="do not announce the TCP port over mDNS (_sottovoce._tcp)")
     serve.add_argument("--voice", action="store_true", help="also run the voice loop on the active slot")
     serve.add_argument("--voice-input", default="device", help="'device', a WAV file, or - (raw s16le on stdin)")
     serve.add_argument("--voice-output", help="reply WAV file (default: the output device / discard)")
@@ -63,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(args.root, serial=args.serial, tcp=args.tcp, token=_token(args), allow_unsigned=args.allow_unsigned,
                  trust=args.trust, health_check=args.health_check, quota=args.quota, board=args.board,
-                 voice=args.voice, voice_input=args.voice_input, voice_output=args.voice_output)
+                 voice=args.voice, voice_input=args.voice_input, voice_output=args.voice_output, mdns=args.mdns)
 
 
 def cmd_install(args: argparse.Namespace) -> int:

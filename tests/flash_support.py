@@ -80,7 +80,7 @@ class Daemon:
     """``sottovoce edge serve`` as a real subprocess; ``port_url`` is what ``sottovoce flash --port`` takes."""
 
     def __init__(self, root: Path, *, link: str = "serial", token: str = "s3cret", extra: list[str] | None = None,
-                 env: dict[str, str] | None = None, allow_unsigned: bool = True) -> None:
+                 env: dict[str, str] | None = None, allow_unsigned: bool = True, mdns: bool = False) -> None:
         self.root = Path(root)
         self.link = link
         self.token = token
@@ -89,7 +89,7 @@ class Daemon:
         if link == "serial":
             cmd += ["--serial", "pty"]
         else:
-            cmd += ["--tcp", "127.0.0.1:0", "--token", token]
+            cmd += ["--tcp", "127.0.0.1:0", "--token", token] + ([] if mdns else ["--no-mdns"])
         announce = self.root / "run" / "daemon.json"
         announce.unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,8 @@ def test_export_vad_refuses_a_calibration_set_that_is_too_small(model_cache, tmp
 
 def test_targets_choose_scheme_and_providers_and_print_what_differs():
     jetson = stage_plan("jetson-orin-nano", "llm")
-    assert jetson.scheme == "static-qdq-s8s8" and jetson.providers[0] == "TensorrtExecutionProvider"
-    assert jetson.provider_options["TensorrtExecutionProvider"]["trt_int8_enable"] is True
+    assert jetson.scheme == "fp16" and jetson.providers[0] == "TensorrtExecutionProvider"
+    assert jetson.provider_options["TensorrtExecutionProvider"]["trt_fp16_enable"] is True
     assert stage_plan("rpi5", "llm").scheme == "dynamic-int8" and tensorrt_options("rpi5") == {}
     rows = describe_target_differences(["rpi5", "rpi4", "jetson-orin-nano", "x86-dev"])
     assert rows[0] == ["setting", "rpi5", "rpi4", "jetson-orin-nano", "x86-dev"]

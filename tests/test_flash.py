@@ -294,6 +294,20 @@ def test_devices_lists_what_answers_hello(tmp_path):
         d2.stop()
 
 
+def test_a_tcp_daemon_announces_itself_over_mdns_and_devices_finds_it(tmp_path):
+    dev = Daemon(tmp_path / "d1", link="tcp", token="k", mdns=True)
+    try:
+        found = []
+        for _ in range(3):  # multicast answers can be late on a busy machine
+            found = discover(token="k", scan_serial=False, mdns=True, timeout=2)
+            if any(f.url == dev.port_url for f in found):
+                break
+        assert [f.url for f in found if f.url == dev.port_url] == [dev.port_url]
+        assert next(f for f in found if f.url == dev.port_url).info["board"] == "x86-dev"
+    finally:
+        dev.stop()
+
+
 @pytest.mark.models
 def test_the_real_x86_dev_bundle_flashes_over_a_pty_and_passes_the_real_health_check(tmp_path, x86_svb):
     from sottovoce.virtual_device import flash_virtual_device
