@@ -8,18 +8,20 @@ last commit time, never the wall clock.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from edge.boards import REPO_ROOT, BoardProfile, load_board
-from edge.errors import ConfigError
+from edge.errors import ConfigError, SottovoceError
 from edge.bundle import (
     FORMAT_VERSION,
     Manifest,
@@ -35,6 +37,63 @@ from export.recipes import Recipe, default_recipes, load_recipe
 STAGE_ORDER = ("vad", "asr", "llm", "tts", "wake")
 
 StatusFn = Callable[[str, str], None]  # (stage, message)
+MB = 1_000_000
+
+
+class DiskSpaceError(SottovoceError):
+    """Not enough free disk space for what an export or a bundle is about to write."""
+
+    code = "disk.full"
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (``shutil.disk_usage`` needs one)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def disk_space_message(path: Path, needed: int | None) -> str:
+    """One sentence naming ``path``, the MB ``needed`` (when known) and the MB free there."""
+    free = shutil.disk_usage(_existing(path)).free
+    need = f"the export needs about {needed / MB:.0f} MB, " if needed is not None else ""
+    return f"not enough disk space at {path}: {need}{free / MB:.0f} MB free"
+
+
+def require_free_space(path: Path, needed: int) -> None:
+    """Raise ``DiskSpaceError`` (``disk_space_message``) unless the filesystem of ``path`` has ``needed``
+    bytes free; call it before writing ``needed`` bytes under ``path``."""
+    if shutil.disk_usage(_existing(path)).free < needed:
+        raise DiskSpaceError(disk_space_message(path, needed))
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` or an exception that caused it is an out-of-space write error."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+@contextmanager
+def disk_full_guard(path: Path, needed: int | None) -> Iterator[None]:
+    """Run the body; an error caused by a full disk (``ENOSPC``/``EDQUOT``, also wrapped in another
+    exception) becomes the same one-line ``DiskSpaceError`` as ``require_free_space``'s."""
+    try:
+        yield
+    except DiskSpaceError:
+        raise
+    except Exception as exc:
+        if _disk_full(exc):
+            raise DiskSpaceError(disk_space_message(path, needed)) from exc
+        raise
 
 
 @dataclass
@@ -147,16 +206,25 @@ def _gate_results(artifact: StageArtifact) -> list:
     return out
 
 
+def _stale(src: Path, dst: Path) -> bool:
+    return not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime_ns < src.stat().st_mtime_ns
+
+
 def _place(artifact: StageArtifact, out_dir: Path) -> StageSpec:
-    """Copy an artifact's files into ``out_dir/<stage>/`` and describe them in a ``StageSpec``."""
+    """Copy an artifact's files into ``out_dir/<stage>/`` and describe them in a ``StageSpec``.
+    Raises ``DiskSpaceError`` when ``out_dir`` has less free space than the files to copy."""
     stage_dir = out_dir / artifact.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
+    copies = {name: src for name, src in artifact.files.items() if _stale(src, stage_dir / name)}
+    needed = sum(src.stat().st_size for src in copies.values())
+    require_free_space(out_dir, needed)
     entries = []
     for name, src in sorted(artifact.files.items()):
         dst = stage_dir / name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if not dst.exists() or dst.stat().st_size != src.stat().st_size or dst.stat().st_mtime_ns < src.stat().st_mtime_ns:
-            shutil.copyfile(src, dst)
+        if name in copies:
+            with disk_full_guard(out_dir, needed):
+                shutil.copyfile(src, dst)
         entries.append(file_entry(out_dir, f"{artifact.stage}/{name}"))
     config = dict(artifact.config)
     config["files"] = {role: f"{artifact.stage}/{name}" for role, name in sorted(artifact.roles.items())}
@@ -168,9 +236,18 @@ def _place(artifact: StageArtifact, out_dir: Path) -> StageSpec:
 
 
 def build_bundle(opts: ExportOptions, status: StatusFn | None = None) -> ExportResult:
-    """Export every default stage for ``opts.target``, write the bundle dir and the packed ``.svb``."""
+    """Export every default stage for ``opts.target``, write the bundle dir and the packed ``.svb``.
+
+    Fails fast, before any export, on a bad board, signing key or ``opts.llm`` directory (``ConfigError`` /
+    ``ModelFileError`` from ``export.llm.check_hf_dir``). Raises ``DiskSpaceError`` (one sentence: path,
+    MB needed and free) when the bundle directory or the ``.svb`` would not fit, or a write hits a full disk;
+    ``GateFailed`` when a quantized stage fails its gate without ``fallback_float``."""
     status = status or (lambda stage, msg: None)
     profile = load_board(opts.target)
+    if opts.llm is not None:
+        from export.llm import check_hf_dir
+
+        check_hf_dir(opts.llm)
     private_key = None
     if opts.sign_key:  # fail fast on a bad key, before minutes of export
         from export.signing import load_private_key
@@ -236,5 +313,8 @@ def build_bundle(opts: ExportOptions, status: StatusFn | None = None) -> ExportR
         sign_manifest(manifest, private_key)
     write_manifest(out_dir, manifest)
     status("pack", f"packing {svb.name}")
-    pack_bundle(out_dir, svb)
+    packed = sum(f.size for s in stages.values() for f in s.files)
+    require_free_space(svb.parent, packed)
+    with disk_full_guard(svb.parent, packed):
+        pack_bundle(out_dir, svb)
     return ExportResult(manifest, out_dir, svb, reports)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -32,6 +33,7 @@ from typing import Any, Callable, Sequence
 from edge.errors import ConfigError, ModelFileError
 from edge.stages.base import ChatMessage
 from export.artifact import StageArtifact
+from export.builder import disk_full_guard, require_free_space
 from export.fetch import default_cache_dir, model_file
 from export.recipes import Recipe, load_recipe
 
@@ -79,9 +81,61 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path / 'config.json'} is not readable JSON: {_first_line(exc)}") from exc
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path / 'config.json'} is not a JSON object")
+    return cfg
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    """The model class(es) a config names, else its ``model_type`` (for messages)."""
+    return ", ".join(cfg.get("architectures") or []) or f"model_type {cfg.get('model_type')!r}"
+
+
+def _has_chat_template(path: Path) -> bool:
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        tok_cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(tok_cfg, dict) and tok_cfg.get("chat_template"))
+
+
+def check_hf_dir(path: Path) -> dict[str, Any]:
+    """Cheap checks of a local Hugging Face directory before any model work; returns its ``config.json``.
+
+    Promises a ``config.json`` whose ``architectures`` (or ``model_type`` when it names none) is a causal LM
+    of ``transformers``' ``AutoModelForCausalLM`` mapping, a ``tokenizer.json`` and a chat template. Raises
+    ``ConfigError`` (no or unreadable config, not a causal LM) or ``ModelFileError`` (no tokenizer.json, no
+    chat template), each one line naming the directory and what is wrong."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+
+    path = Path(path)
+    cfg = _read_config(path)
+    archs = cfg.get("architectures") or []
+    if not (any(a in set(causal.values()) for a in archs) if archs else cfg.get("model_type") in causal):
+        raise ConfigError(f"{path} is not a causal language model: config.json names {_architecture(cfg)}, "
+                          "which transformers' AutoModelForCausalLM does not load")
+    if not (path / "tokenizer.json").is_file():
+        raise ModelFileError(f"{path} has no tokenizer.json: save the model's fast tokenizer next to it "
+                             "(AutoTokenizer.save_pretrained)")
+    if not _has_chat_template(path):
+        raise ModelFileError(f"{path} has no chat template (chat_template.jinja or 'chat_template' in "
+                             "tokenizer_config.json)")
+    return cfg
+
+
 def resolve_source(source: Recipe | Path | str, cache: Path | None = None) -> LlmSource:
     """The weights behind ``source``: a recipe (or recipe name) with a ``gguf`` file, or a local HF
-    causal-LM directory (its sha256 covers every file in it). Raises ``ConfigError`` when neither."""
+    causal-LM directory (its sha256 covers every file in it) that passes ``check_hf_dir``. Raises
+    ``ConfigError`` when neither, or ``check_hf_dir``'s error."""
     if isinstance(source, str) and not Path(source).is_dir():
         source = load_recipe(source)
     if isinstance(source, Recipe):
@@ -93,8 +147,7 @@ def resolve_source(source: Recipe | Path | str, cache: Path | None = None) -> Ll
             gguf=gguf,
         )
     path = Path(source)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_hf_dir(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f.relative_to(path).as_posix().encode() + b"\0" + _sha256_file(f).encode())
@@ -131,9 +184,25 @@ def _mark(path: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path / "done.json")
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first non-empty line`` of an exception, with ``(caused by ...)`` the same of its root cause
+    when it was raised from another (where an exporter names the op), cut to ``limit`` characters."""
+
+    def line(e: BaseException) -> str:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not exc:
+        root = root.__cause__
+    text = line(exc) if root is exc else f"{line(exc)} (caused by {line(root)})"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def build_hf_dir(src: LlmSource, out: Path) -> Path:
     """A float32 Hugging Face directory for ``src`` (the GGUF dequantized and saved in ``out``, cached;
-    a local directory is returned as it is)."""
+    a local directory is returned as it is). Raises ``ModelFileError`` (one line, naming the stage, the
+    file and what transformers says, e.g. an architecture it cannot load) when the GGUF does not load."""
     if src.hf_dir is not None:
         return src.hf_dir
     if _done(out):
@@ -148,7 +217,7 @@ def build_hf_dir(src: LlmSource, out: Path) -> Path:
         tok = AutoTokenizer.from_pretrained(src.gguf.parent, gguf_file=src.gguf.name)
         model = AutoModelForCausalLM.from_pretrained(src.gguf.parent, gguf_file=src.gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types
-        raise ModelFileError(f"transformers cannot load {src.gguf.name}: {str(exc).splitlines()[0]}") from exc
+        raise ModelFileError(f"llm stage: transformers cannot load {src.gguf.name}: {_first_line(exc)}") from exc
     tok.save_pretrained(out)
     model.save_pretrained(out)
     _mark(out, {"gguf": src.gguf.name, "sha256": src.sha256})
@@ -157,7 +226,9 @@ def build_hf_dir(src: LlmSource, out: Path) -> Path:
 
 def export_onnx(hf_dir: Path, out: Path) -> Path:
     """optimum's ONNX export of ``hf_dir`` (task ``text-generation-with-past``, offline, CPU) into ``out``;
-    returns the path of ``model.onnx`` (cached). Raises ``ModelFileError`` if the exporter fails."""
+    returns the path of ``model.onnx`` (cached). Raises ``ModelFileError`` if the exporter fails: one line
+    naming the stage, the directory, its architecture and the exporter's first line (the op or the
+    architecture it refuses, when it says so)."""
     if not _done(out):
         shutil.rmtree(out, ignore_errors=True)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -167,9 +238,10 @@ def export_onnx(hf_dir: Path, out: Path) -> Path:
             main_export(str(hf_dir), output=str(out), task="text-generation-with-past", do_validation=False,
                         local_files_only=True, device="cpu")
         except Exception as exc:  # optimum raises many types
-            raise ModelFileError(f"ONNX export of {hf_dir.name} failed: {str(exc).splitlines()[0]}") from exc
+            raise ModelFileError(f"llm stage: ONNX export of {hf_dir.name} ({_architecture(_read_config(hf_dir))}) "
+                                 f"failed: {_first_line(exc)}") from exc
         if not (out / "model.onnx").is_file():
-            raise ModelFileError("optimum wrote no model.onnx (task text-generation-with-past)")
+            raise ModelFileError("llm stage: optimum wrote no model.onnx (task text-generation-with-past)")
         _mark(out, {"task": "text-generation-with-past"})
     return out / "model.onnx"
 
@@ -401,6 +473,38 @@ def _model_files(model_path: Path) -> dict[str, Path]:
     return files
 
 
+def _float32_weight_bytes(src: LlmSource) -> int:
+    """The model's weights in float32 (about what the HF copy and each float ONNX file hold): from the GGUF's
+    tensor element counts, the safetensors headers, or other weight files counted at twice their size."""
+    if src.gguf is not None:
+        from gguf import GGUFReader
+
+        return 4 * sum(int(t.n_elements) for t in GGUFReader(src.gguf).tensors)
+    assert src.hf_dir is not None
+    total = 0
+    for f in src.hf_dir.iterdir():
+        if f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            total += 4 * sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+        elif f.suffix in (".bin", ".pt", ".pth"):
+            total += 2 * f.stat().st_size
+    return total
+
+
+def export_space_needed(src: LlmSource, work: Path, quantization: str, keep: Sequence[str]) -> int:
+    """Bytes the steps of ``export_llm`` not yet cached under ``work`` will write (an estimate): the float32
+    weights once each for the dequantized GGUF, the ONNX export and its ``logits_to_keep`` copy, and half of
+    that for a quantized model. 0 when every step is cached (the weights are not even read then)."""
+    from export import llm_quant
+
+    share = sum([src.gguf is not None and not _done(work / "hf"), not _done(work / "onnx-export"),
+                 not _done(work / "onnx-float")])
+    if quantization != "none" and not _done(work / llm_quant.scheme_dir(quantization, keep)):
+        share += 0.5
+    return int(share * _float32_weight_bytes(src)) if share else 0
+
+
 def export_llm(
     source: Recipe | Path | str = RECIPE,
     out_dir: Path | None = None,
@@ -422,8 +526,10 @@ def export_llm(
     when possible) in ``out_dir`` (default ``workdir/<key>/stage/<scheme>``); ``config`` holds the
     runtime settings (``stage_config``). ``drift`` records the greedy match against torch and, when
     quantized, the gates. Intermediate results are cached under ``workdir`` (default ``default_workdir()``).
-    Raises ``ConfigError`` for an unknown scheme, ``ModelFileError`` when the export or the exported
-    model's greedy check fails."""
+    Raises ``ConfigError`` for an unknown scheme or a directory that is not a causal LM, ``ModelFileError``
+    when a file is missing (tokenizer, chat template) or the export or the exported model's greedy check
+    fails, ``export.builder.DiskSpaceError`` when ``workdir`` lacks the space the uncached steps need
+    (``export_space_needed``) or a write hits a full disk; every message is one line naming the stage or path."""
     from export import llm_quant
 
     if quantization not in llm_quant.SCHEMES:
@@ -433,6 +539,17 @@ def export_llm(
     src = resolve_source(source, cache)
     work = Path(workdir or default_workdir()) / cache_key(src)
     work.mkdir(parents=True, exist_ok=True)
+    needed = export_space_needed(src, work, quantization, keep)
+    require_free_space(work, needed)
+    with disk_full_guard(work, needed or None):
+        return _export(src, work, out_dir, quantization, keep, say, measure)
+
+
+def _export(src: LlmSource, work: Path, out_dir: Path | None, quantization: str, keep: tuple[str, ...],
+            say: ProgressFn, measure: bool) -> StageArtifact:
+    """``export_llm``'s steps once the source is resolved and the space checked."""
+    from export import llm_quant
+
     t0 = time.perf_counter()
     if src.gguf is not None and not _done(work / "hf"):
         say(f"loading {src.gguf.name} in transformers (dequantized to float32)")
