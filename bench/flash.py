@@ -10,9 +10,13 @@ so the figures are the link's, not the models'). Targets: >= 50 MB/s on TCP loop
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo's packages before bench/ (bench/export.py is not export/)
 
 TCP_TARGET_MB_S = 50.0
 SERIAL_TARGET = 0.95

@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo's packages before bench/ (bench/export.py is not export/)
+
 SYSTEM = "You are a helpful voice assistant. Answer in one or two short sentences."
 PROMPTS = (
     "What is the capital of France?",

@@ -165,14 +165,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     table = Table(title=f"bundle for {args.target}: {result.svb}")
     for col in ("stage", "kind", "format", "size", "drift", "gate", "time"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in result.stages:
         size = f"{r.size_bytes / 1e6:.1f} MB" + (f" (float {r.float_bytes / 1e6:.1f})" if r.float_bytes else "")
-        drift = ", ".join(f"{k}={v}" for k, v in r.drift.items() if k != "gate" and not isinstance(v, (dict, list)))
-        table.add_row(r.stage, r.kind, r.scheme, size, drift or "-", r.gate, f"{r.seconds:.1f} s")
+        table.add_row(r.stage, r.kind, r.scheme, size, drift_summary(r.drift), r.gate, f"{r.seconds:.1f} s")
     Console(stderr=False).print(table)
     print(f"{'signed' if m.signature else 'UNSIGNED'} bundle {m.bundle_id} -> {result.svb}")
     return 0
+
+
+def drift_summary(drift: dict) -> str:
+    """The drift of a stage in a table cell: each gate as ``metric value op threshold`` (one per line),
+    plus the torch greedy match where there is one; ``-`` when the stage was not measured."""
+    lines = [f"{g['metric']} {g['value']:.4g} {'≥' if g['op'] == '>=' else '≤'} {g['threshold']:g}"
+             for g in drift.get("gates", [])]
+    if "greedy_match_vs_torch" in drift:
+        lines.insert(0, f"greedy == torch: {drift['greedy_match_vs_torch']:.0%}")
+    return "\n".join(lines) or "-"
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
