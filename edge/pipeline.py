@@ -62,6 +62,9 @@ class LoopConfig:
     barge_in_threshold: float = 0.8  # VAD probability needed while the device speaks (echo gate)
     gap_between_replies_s: float = 0.25  # silence written between replies on a file sink
     queue_frames: int = 1024  # asr_q bound (32 s of audio at most in flight)
+    # hold the LLM between tokens while the first clause of a reply is synthesized (the listener is
+    # waiting on that audio, and on a small CPU the two stages slow each other down); at most this long
+    first_audio_priority_s: float = 5.0
 
 
 @dataclass
@@ -75,6 +78,7 @@ class _Turn:
     endpoint_wall: float = 0.0  # wall clock at the endpoint decision
     audio: list[np.ndarray] = field(default_factory=list)
     first_audio_out: bool = False
+    first_clause_done: threading.Event = field(default_factory=threading.Event)  # TTS has its first audio
 
     def listener_ms(self, wall: float) -> float:
         """Listener-timeline ms (0 = end of speech) of a wall-clock instant after the endpoint."""
@@ -349,6 +353,7 @@ class VoiceLoop:
                 reply.append(piece)
                 for clause in splitter.push(piece):
                     self._put(tts_q, ("clause", turn, clause))
+                    self._yield_to_first_audio(turn)
             if not turn.cancel.is_set():
                 for clause in splitter.flush():
                     self._put(tts_q, ("clause", turn, clause))
@@ -366,6 +371,19 @@ class VoiceLoop:
             if not turn.cancel.is_set():
                 self.history.add_turn(rec.transcript, rec.reply)
             self._put(tts_q, ("end", turn, None))
+
+    def _yield_to_first_audio(self, turn: _Turn) -> None:
+        """Pause generation (between tokens) until the TTS worker has the first audio of ``turn``, the
+        turn is cancelled, or ``first_audio_priority_s`` has passed; later clauses do not wait."""
+        limit = self.config.first_audio_priority_s
+        if limit <= 0 or turn.first_clause_done.is_set():
+            return
+        deadline = time.monotonic() + limit
+        while not (turn.first_clause_done.is_set() or turn.cancel.is_set() or self._failed.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            turn.first_clause_done.wait(min(left, _POLL_S))
 
     # ------------------------------------------------------------------ TTS
 
@@ -390,7 +408,9 @@ class VoiceLoop:
                     rec.tts_first_audio_ms = turn.listener_ms(time.monotonic())
                 if len(audio):
                     self._put(out_q, ("audio", turn, (audio, tts.sample_rate)))
+                turn.first_clause_done.set()
             elif kind == "end":
+                turn.first_clause_done.set()
                 self._put(out_q, ("end", turn, None))
 
     # ------------------------------------------------------------------ output

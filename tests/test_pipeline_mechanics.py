@@ -161,6 +161,51 @@ def test_tts_starts_before_the_llm_has_finished():
     assert rec.voice_to_voice_ms == rec.playback_start_ms
 
 
+class TimedWordsLlm(SlowWordsLlm):
+    """SlowWordsLlm that notes when each word is produced."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.times = []
+
+    def stream(self, messages, **kw):
+        for piece in super().stream(messages, **kw):
+            self.times.append(time.monotonic())
+            yield piece
+
+
+class SlowFirstTts(BeepTts):
+    """The first clause takes 0.4 s to synthesize; notes when it started and ended."""
+
+    def __init__(self):
+        self.spans = []
+
+    def synthesize(self, text):
+        t0 = time.monotonic()
+        time.sleep(0.4 if not self.spans else 0.01)
+        self.spans.append((t0, time.monotonic()))
+        return super().synthesize(text)
+
+
+def _words_during_first_clause(config):
+    llm, tts = TimedWordsLlm(words=16, delay=0.01), SlowFirstTts()
+    loop = VoiceLoop(Stages(vad=EnergyVad(), asr=ToneLengthAsr(), llm=llm, tts=tts), History(), SentenceSplitter,
+                     config)
+    rec, = loop.run(ListSource(np.concatenate([tone(1.0), gap(1.0)])), MemorySink())
+    start, end = tts.spans[0]
+    return sum(start + 0.02 < t < end - 0.02 for t in llm.times), rec
+
+
+def test_the_llm_waits_while_the_first_clause_is_synthesized_and_then_finishes():
+    from dataclasses import replace
+
+    during, rec = _words_during_first_clause(CFG)
+    assert during == 0 and rec.llm["new_tokens"] == 16  # paused, then the whole reply
+    assert rec.tts_first_audio_ms < rec.llm_done_ms
+    during_off, _ = _words_during_first_clause(replace(CFG, first_audio_priority_s=0))
+    assert during_off >= 5  # without the priority the LLM keeps generating meanwhile
+
+
 def test_partials_arrive_while_the_user_is_still_speaking():
     rec, = make_loop().run(ListSource(np.concatenate([tone(3.0), gap(1.0)])), MemorySink())
     before_end = [p for p in rec.partials if p["ms_before_end"] > 0]
