@@ -29,6 +29,7 @@ class TurnRecord:
     transcript: str = ""
     reply: str = ""
     partials: list[dict[str, Any]] = field(default_factory=list)  # {text, at_s (audio time), ms_before_end}
+    transcript_from: str = "final"  # final | last_partial (the final decode heard no words, a partial had)
     # listener timeline, ms after end of speech
     endpoint_ms: float = 0.0
     asr_final_ms: float | None = None
@@ -44,7 +45,7 @@ class TurnRecord:
     reply_audio_s: float = 0.0
     interrupted: bool = False  # the user barged in
     forced_end: bool = False  # max turn length reached
-    status: str = "answered"  # answered | no_speech_recognized | interrupted | error
+    status: str = "answered"  # answered | not_understood (speech, no words: reprompted) | no_speech_recognized | interrupted | error
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

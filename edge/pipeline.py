@@ -35,6 +35,7 @@ from edge.audio_io import AudioSink, AudioSource
 from edge.endpoint import EndpointConfig, Endpointer, EventKind
 from edge.metrics import TurnRecord
 from edge.stages.base import ChatMessage, GenerationStats, Stages
+from edge.text import clean_transcript
 
 log = logging.getLogger("sottovoce.pipeline")
 
@@ -65,6 +66,10 @@ class LoopConfig:
     # hold the LLM between tokens while the first clause of a reply is synthesized (the listener is
     # waiting on that audio, and on a small CPU the two stages slow each other down); at most this long
     first_audio_priority_s: float = 5.0
+    # said when the user clearly spoke (at least reprompt_min_speech_s) but the ASR heard no words;
+    # shorter unrecognized sounds (a cough, a door) get no answer. "" turns the reprompt off.
+    reprompt_text: str = "Sorry, I didn't catch that."
+    reprompt_min_speech_s: float = 0.6
 
 
 @dataclass
@@ -297,7 +302,7 @@ class VoiceLoop:
                     next_partial = samples + interval
                     audio = np.concatenate(segment)
                     t0 = time.perf_counter()
-                    text = asr.transcribe(audio).strip()
+                    text = clean_transcript(asr.transcribe(audio))
                     spent = time.perf_counter() - t0
                     at_s = frame.end_s
                     if text:
@@ -311,9 +316,13 @@ class VoiceLoop:
                 audio = np.concatenate(segment) if segment else np.zeros(0, np.float32)
                 segment, samples = [], 0
                 t0 = time.perf_counter()
-                text = asr.transcribe(audio).strip() if len(audio) else ""
+                text = clean_transcript(asr.transcribe(audio)) if len(audio) else ""
                 spent = time.perf_counter() - t0
                 rec = turn.record
+                if not text and rec.partials:
+                    # the final decode of the whole segment can come back empty where a partial of the same
+                    # speech read words (seen with Moonshine on some voices): better those words than none
+                    text, rec.transcript_from = rec.partials[-1]["text"], "last_partial"
                 rec.transcript = text
                 rec.asr_final_ms = turn.listener_ms(time.monotonic())
                 audio_ms = len(audio) / SAMPLE_RATE * 1000
@@ -335,7 +344,13 @@ class VoiceLoop:
                 return
             rec = turn.record
             if not rec.transcript:
-                rec.status = "no_speech_recognized"
+                spoke_s = rec.speech_end_s - rec.speech_start_s
+                if self.config.reprompt_text and spoke_s >= self.config.reprompt_min_speech_s:
+                    rec.status, rec.reply = "not_understood", self.config.reprompt_text
+                    self.on_event("reply", {"turn": turn.id, "text": rec.reply})
+                    self._put(tts_q, ("clause", turn, rec.reply))
+                else:
+                    rec.status = "no_speech_recognized"
                 self._put(tts_q, ("end", turn, None))
                 continue
             with self._active_lock:

@@ -65,6 +65,13 @@ def clean_for_speech(text: str) -> str:
     return text.strip()
 
 
+def clean_transcript(text: str) -> str:
+    """An ASR transcript without the non-speech symbols recognizers hallucinate on music or odd audio
+    (``♪``, the replacement character, emoji), whitespace collapsed; '' when no letter or digit is left."""
+    text = _SPACES.sub(" ", "".join(ch for ch in text if _keep_char(ch) or ch in "\n")).strip()
+    return text if is_speakable(text) else ""
+
+
 def is_speakable(text: str) -> bool:
     """True when ``text`` holds at least one letter or digit (punctuation alone is not spoken)."""
     return any(ch.isalnum() for ch in text)

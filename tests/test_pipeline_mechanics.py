@@ -206,6 +206,44 @@ def test_the_llm_waits_while_the_first_clause_is_synthesized_and_then_finishes()
     assert during_off >= 5  # without the priority the LLM keeps generating meanwhile
 
 
+class DeafAsr:
+    """Hears sound but never words (a mumble, a voice the model cannot read)."""
+
+    def transcribe(self, audio):
+        return "♪" if len(audio) else ""
+
+
+def test_speech_without_words_is_reprompted_and_a_short_noise_is_ignored():
+    from dataclasses import replace
+
+    def run(audio, config=CFG):
+        loop = VoiceLoop(Stages(vad=EnergyVad(), asr=DeafAsr(), llm=SlowWordsLlm(), tts=BeepTts()), History(),
+                         SentenceSplitter, config)
+        sink = MemorySink()
+        return loop.run(ListSource(audio), sink), sink
+
+    (rec,), sink = run(np.concatenate([tone(1.0), gap(1.0)]))
+    assert rec.status == "not_understood" and rec.transcript == "" and rec.reply == CFG.reprompt_text
+    assert rec.voice_to_voice_ms is not None and rec.llm == {}  # spoken without asking the LLM
+    assert run(np.concatenate([tone(0.3), gap(1.0)]))[0] == []  # a short sound: no turn, no answer
+    assert run(np.concatenate([tone(1.0), gap(1.0)]), replace(CFG, reprompt_text=""))[0] == []
+
+
+class FinalDeafAsr:
+    """Reads words in a partial but hears none in the final decode of the whole segment."""
+
+    def transcribe(self, audio):
+        return "tone partial" if len(audio) < 0.9 * SAMPLE_RATE else ""
+
+
+def test_an_empty_final_transcript_falls_back_to_the_last_partial():
+    loop = VoiceLoop(Stages(vad=EnergyVad(), asr=FinalDeafAsr(), llm=SlowWordsLlm(), tts=BeepTts()), History(),
+                     SentenceSplitter, CFG)
+    rec, = loop.run(ListSource(np.concatenate([tone(1.0), gap(1.0)])), MemorySink())
+    assert rec.transcript == "tone partial" and rec.transcript_from == "last_partial"
+    assert rec.status == "answered" and rec.reply
+
+
 def test_partials_arrive_while_the_user_is_still_speaking():
     rec, = make_loop().run(ListSource(np.concatenate([tone(3.0), gap(1.0)])), MemorySink())
     before_end = [p for p in rec.partials if p["ms_before_end"] > 0]

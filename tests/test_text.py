@@ -197,3 +197,12 @@ def test_any_piece_boundaries_give_the_same_clauses_and_lose_no_words(sizes):
     out = split_stream(pieces)
     assert out == EXPECTED
     assert " ".join(out).split() == REPLY.split()
+
+
+def test_clean_transcript_drops_hallucinated_symbols_and_keeps_words():
+    from edge.text import clean_transcript
+
+    assert clean_transcript("♪ Blue road, Romeo ♪ \ufffd") == "Blue road, Romeo"
+    assert clean_transcript(" ♪ ♪ ") == ""
+    assert clean_transcript("...") == ""
+    assert clean_transcript("What is 2 + 2?") == "What is 2 + 2?"
