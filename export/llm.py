@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from edge.errors import ConfigError, ModelFileError
 from edge.stages.base import ChatMessage
 from export.artifact import StageArtifact
-from export.builder import disk_full_guard, require_free_space
+from export.disk import disk_full_guard, require_free_space
 from export.fetch import default_cache_dir, model_file
 from export.recipes import Recipe, load_recipe
 
@@ -528,7 +528,7 @@ def export_llm(
     quantized, the gates. Intermediate results are cached under ``workdir`` (default ``default_workdir()``).
     Raises ``ConfigError`` for an unknown scheme or a directory that is not a causal LM, ``ModelFileError``
     when a file is missing (tokenizer, chat template) or the export or the exported model's greedy check
-    fails, ``export.builder.DiskSpaceError`` when ``workdir`` lacks the space the uncached steps need
+    fails, ``export.disk.DiskSpaceError`` when ``workdir`` lacks the space the uncached steps need
     (``export_space_needed``) or a write hits a full disk; every message is one line naming the stage or path."""
     from export import llm_quant
 

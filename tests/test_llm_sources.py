@@ -20,7 +20,7 @@ import pytest
 
 from edge.errors import ConfigError, ModelFileError
 from edge.stages.base import ChatMessage
-from export.builder import DiskSpaceError
+from export.disk import DiskSpaceError
 from tests.test_llm import _load
 
 REPO = Path(__file__).resolve().parents[1]
