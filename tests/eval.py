@@ -100,6 +100,7 @@ CONDITIONS: dict[str, dict] = {
     "en-us+m7": {"voice": "en-us+m7"},
     "en-gb s175": {"voice": "en-gb", "speed": 175},
     "en-us 20dB": {"voice": "en-us", "snr_db": 20.0},
+    "en-us 10dB": {"voice": "en-us", "snr_db": 10.0},
     "en-us rt60 0.3s": {"voice": "en-us", "reverb_rt60_s": 0.3},
 }
 
