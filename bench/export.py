@@ -57,7 +57,7 @@ def bench_vad(target: str, cache: Path, work: Path) -> dict:
             "int8_bytes": d["int8_bytes"], "shipped_bytes": sum(p.stat().st_size for p in art.files.values()),
             "drift": f"F1 {d['frame_f1_vs_float']:.4f}", "float_ms": art.report["float_ms_per_frame"],
             "int8_ms": art.report["int8_ms_per_frame"], "unit": "ms/32 ms frame",
-            "note": art.quantization.get("reason", art.report.get("verdict", ""))}
+            "note": "at export: " + str(art.quantization.get("reason", art.report.get("verdict", "")))}
 
 
 def bench_wake(cache: Path) -> dict:
@@ -97,16 +97,32 @@ def bench_tts_optimization(cache: Path, work: Path) -> dict:
     return out
 
 
-def llm_from_bundle(bundle: Path) -> dict | None:
+def llm_from_bundle(bundle: Path, cache: Path) -> dict | None:
+    """The LLM row from a built bundle: sizes and gate figures from its manifest, and the decode time per
+    token of the shipped model vs its float export (found in the export cache by the manifest's cache key)."""
+    from export.llm import measure_speed, runtime_model
+
     manifest = json.loads((bundle / "manifest.json").read_text())
     stage = manifest["stages"].get("llm")
     if not stage:
         return None
     size = sum(f["size"] for f in stage["files"])
-    drift = ", ".join(f"{k}={v}" for k, v in stage.get("drift", {}).items() if isinstance(v, (int, float)))
-    return {"stage": "llm", "shipped": stage["quantization"].get("scheme", "?"),
-            "float_bytes": stage["quantization"].get("float_bytes"), "int8_bytes": size, "shipped_bytes": size,
-            "drift": drift or "-", "float_ms": None, "int8_ms": None, "unit": "", "note": "from the bundle manifest"}
+    d = stage.get("drift", {})
+    drift = (f"top-1 {d['top1_agreement']:.3f}, ppl x{d['perplexity_ratio']:.3f}" if "top1_agreement" in d
+             else f"greedy == torch {d.get('greedy_match_vs_torch', '?')}")
+    row = {"stage": "llm", "shipped": stage["quantization"].get("scheme", "?"),
+           "float_bytes": stage["quantization"].get("float_bytes"), "int8_bytes": size, "shipped_bytes": size,
+           "drift": drift, "float_ms": None, "int8_ms": None, "unit": "ms/token decode", "note": "from the bundle"}
+    files = {f["path"].split("/")[-1]: bundle / f["path"] for f in stage["files"]}
+    float_model = cache / "export" / "llm" / stage.get("source", {}).get("cache_key", "?") / "onnx-float" / "model.onnx"
+    if not float_model.is_file() or "model.onnx" not in files:
+        row["note"] += " (float export not in the cache: latency not measured)"
+        return row
+    system = stage["config"].get("system_prompt", "You are a helpful voice assistant.")
+    for key, model in (("float_ms", float_model), ("int8_ms", files["model.onnx"])):
+        speed = measure_speed(runtime_model(model, files["tokenizer.json"], stage["config"]), system, new_tokens=32)
+        row[key] = 1000.0 / speed["tokens_per_s"] if speed["tokens_per_s"] else None
+    return row
 
 
 def main() -> None:
@@ -121,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = [bench_vad(args.target, cache, work), bench_prebuilt("asr", "moonshine-base-en", cache)]
-        if args.bundle and (llm := llm_from_bundle(args.bundle)):
+        if args.bundle and (llm := llm_from_bundle(args.bundle, cache)):
             rows.append(llm)
         rows += [bench_prebuilt("tts", "kokoro-82m", cache), bench_wake(cache)]
         tts_opt = bench_tts_optimization(cache, work) if args.tts else None
