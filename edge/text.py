@@ -111,6 +111,26 @@ def _is_list_number(buf: str, i: int, line_start: bool) -> bool:
     return not before.strip() and (line_start or "\n" in before)
 
 
+#: words that open a new phrase: a first clause may end just before one of them
+PHRASE_STARTERS = frozenset(
+    "of in on at to for with from by about into over under after before during and but or so because which who "
+    "whose where when while although though than like located known called".split())
+
+
+def _opens_phrase(buf: str, i: int) -> bool:
+    """Whether the complete word after the whitespace at ``buf[i]`` is one of ``PHRASE_STARTERS`` (a word
+    still being generated, with nothing after it yet, does not count)."""
+    j = i
+    while j < len(buf) and buf[j].isspace():
+        j += 1
+    k = j
+    while k < len(buf) and buf[k].isalpha():
+        k += 1
+    if k == j or k == len(buf) or buf[k - 1:k].isspace():
+        return False
+    return buf[j:k].lower() in PHRASE_STARTERS
+
+
 def _count_words(text: str) -> int:
     return sum(1 for w in text.split() if is_speakable(w))
 
@@ -124,14 +144,18 @@ class ClauseSplitter:
     (, ; : — …) cuts once the clause has ``min_words`` words (``first_min_words`` for the first
     clause of a reply); a clause with no break is cut at a space after ``max_words`` words
     (``first_max_words`` for the first clause: the reply's first audio waits for it, so it is kept short).
+    The first clause is also cut before a word that opens a new phrase (``PHRASE_STARTERS``: "of", "in",
+    "which", ...) once it has ``first_phrase_words`` words: "The old Eiffel Tower is located | in Paris": a
+    natural place to breathe, and a shorter first clause is synthesized sooner.
     """
 
     def __init__(self, min_words: int = 6, first_min_words: int = 2, max_words: int = 30,
-                 first_max_words: int = 10) -> None:
+                 first_max_words: int = 10, first_phrase_words: int = 5) -> None:
         self.min_words = min_words
         self.first_min_words = first_min_words
         self.max_words = max_words
         self.first_max_words = first_max_words
+        self.first_phrase_words = first_phrase_words
         self._buf = ""
         self._emitted = 0
         self._line_start = True  # the buffer begins a line (start of reply, or after a newline)
@@ -183,7 +207,10 @@ class ClauseSplitter:
                 if is_speakable(buf[:i]):
                     return i + 1
             elif ch.isspace():
-                if _count_words(buf[:i]) >= (self.first_max_words if self._emitted == 0 else self.max_words):
+                words = _count_words(buf[:i])
+                if words >= (self.first_max_words if self._emitted == 0 else self.max_words):
+                    return i
+                if self._emitted == 0 and words >= self.first_phrase_words and _opens_phrase(buf, i):
                     return i
             elif ch in _BREAK_CHARS:
                 j = i

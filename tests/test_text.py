@@ -70,7 +70,7 @@ def test_a_word_split_mid_word_across_pieces_is_joined():
 
 def test_thousands_separators_and_times_are_not_clause_breaks():
     text = "There were 1,000,000 people at 10:30 in the square, and it was crowded. Wow."
-    assert split_stream(words(text)) == ["There were 1,000,000 people at 10:30 in the square,",
+    assert split_stream(words(text), first_phrase_words=99) == ["There were 1,000,000 people at 10:30 in the square,",
                                          "and it was crowded.", "Wow."]
 
 
@@ -206,3 +206,11 @@ def test_clean_transcript_drops_hallucinated_symbols_and_keeps_words():
     assert clean_transcript(" ♪ ♪ ") == ""
     assert clean_transcript("...") == ""
     assert clean_transcript("What is 2 + 2?") == "What is 2 + 2?"
+
+
+def test_a_long_first_clause_is_cut_before_a_phrase_word_and_later_clauses_are_not():
+    text = "Le Grand Paris is the capital of France, located in the north of the country and it is big."
+    assert split_stream(words(text)) == ["Le Grand Paris is the capital",
+                                         "of France, located in the north of the country and it is big."]
+    assert split_stream(words("I set a timer for ten minutes.")) == ["I set a timer for ten minutes."]
+    assert split_stream(words("The capital of France is Paris.")) == ["The capital of France is Paris."]
