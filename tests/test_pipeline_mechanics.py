@@ -244,6 +244,45 @@ def test_an_empty_final_transcript_falls_back_to_the_last_partial():
     assert rec.status == "answered" and rec.reply
 
 
+class LengthLoggingAsr(ToneLengthAsr):
+    """ToneLengthAsr that keeps the length of every segment it decodes."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def transcribe(self, audio):
+        self.lengths.append(len(audio))
+        return super().transcribe(audio)
+
+
+def _run_logging(audio, config=CFG):
+    asr = LengthLoggingAsr()
+    loop = VoiceLoop(Stages(vad=EnergyVad(), asr=asr, llm=SlowWordsLlm(), tts=BeepTts()), History(),
+                     SentenceSplitter, config)
+    return loop.run(ListSource(audio), MemorySink()), asr
+
+
+def test_the_turn_is_decoded_during_the_hangover_and_the_endpoint_reuses_it():
+    from dataclasses import replace
+
+    (rec,), asr = _run_logging(np.concatenate([tone(1.0), gap(1.0)]), replace(CFG, early_final_after_ms=160))
+    (late,), late_asr = _run_logging(np.concatenate([tone(1.0), gap(1.0)]), replace(CFG, early_final_after_ms=0))
+    assert rec.transcript == late.transcript == "tone 10"
+    assert len(asr.lengths) == len(late_asr.lengths)  # the same number of decodes, made earlier
+    assert asr.lengths[-1] < late_asr.lengths[-1]  # without the rest of the hangover's silence
+    assert rec.asr_final_ms - rec.endpoint_ms < 30  # nothing left to decode at the endpoint
+
+
+def test_speech_after_a_short_pause_discards_the_decode_made_in_the_pause():
+    from dataclasses import replace
+
+    (rec,), asr = _run_logging(np.concatenate([tone(1.0), gap(0.25), tone(0.5), gap(1.0)]),
+                               replace(CFG, early_final_after_ms=96))
+    assert len(asr.lengths) >= 4  # a decode was made in the pause
+    assert rec.transcript == "tone 15"  # both parts, not the 1 s decoded during the pause
+
+
 def test_partials_arrive_while_the_user_is_still_speaking():
     rec, = make_loop().run(ListSource(np.concatenate([tone(3.0), gap(1.0)])), MemorySink())
     before_end = [p for p in rec.partials if p["ms_before_end"] > 0]
