@@ -538,8 +538,8 @@ def serve(
             from edge.mdns import announce as mdns_announce
 
             bound_host, _, bound_port = addr.rpartition(":")
-            mdns_entry = mdns_announce(f"{socket.gethostname()}-{bound_port}", bound_host, int(bound_port),
-                                       {"board": board or "x86-dev", "protocol": str(PROTOCOL_VERSION), "version": __version__})
+            txt = {"board": board or "x86-dev", "protocol": str(PROTOCOL_VERSION), "version": __version__}
+            mdns_entry = mdns_announce(f"{socket.gethostname()}-{bound_port}", bound_host, int(bound_port), txt)
     if serial:
         fd, path, _keep = daemon.open_serial(serial)
         announce["serial"] = path

@@ -1,7 +1,7 @@
 """Announcing a daemon's TCP port on the local network over mDNS/DNS-SD (``_sottovoce._tcp``).
 
-``zeroconf`` is optional on a board (the ``mdns`` extra): without it, or when the network refuses
-multicast, the daemon serves as before and ``announce`` says why in the log. Hosts find announced
+``zeroconf`` comes with the ``edge`` extra; without it (a hand-made install), or when the network
+refuses multicast, the daemon serves as before and ``announce`` says why in the log. Hosts find announced
 devices with ``sottovoce devices --mdns``.
 """
 
@@ -51,7 +51,7 @@ def announce(name: str, host: str, port: int, properties: dict[str, str]) -> Ann
     try:
         from zeroconf import IPVersion, ServiceInfo, Zeroconf
     except ImportError:
-        log.info("mDNS announce skipped: zeroconf is not installed (pip install 'sottovoce[mdns]')")
+        log.info("mDNS announce skipped: zeroconf is not installed (pip install zeroconf)")
         return None
     label = "".join(c if c.isalnum() or c == "-" else "-" for c in name)[:63] or "sottovoce"
     addrs = _addresses(host)

@@ -326,20 +326,19 @@ class VoiceLoop:
                     # a file is read faster than real time: the endpoint is "now" only once the ASR has caught up
                     # with the audio before it, as it would have live (partials overlap the speech there)
                     turn.endpoint_wall = time.monotonic()
-                audio = np.concatenate(segment) if segment else np.zeros(0, np.float32)
-                segment, samples, tail = [], 0, 0
                 if early is not None:  # decoded during the hangover: nothing (or less) left at the endpoint
-                    text, spent, used = early
+                    text, spent, decoded = early
                     if not self._realtime:
-                        # live, that decode began (len(audio) - used) samples before the endpoint: the part of
+                        # live, that decode began (samples - decoded) samples before the endpoint: the part of
                         # it that would run past the endpoint still delays the reply
-                        overhang = max(0.0, spent - (len(audio) - used) / SAMPLE_RATE)
-                        turn.endpoint_wall -= overhang
-                    audio, early = audio[:used], None
+                        turn.endpoint_wall -= max(0.0, spent - (samples - decoded) / SAMPLE_RATE)
+                    early = None
                 else:
+                    decoded = samples
                     t0 = time.perf_counter()
-                    text = clean_transcript(asr.transcribe(audio)) if len(audio) else ""
+                    text = clean_transcript(asr.transcribe(np.concatenate(segment))) if segment else ""
                     spent = time.perf_counter() - t0
+                segment, samples, tail = [], 0, 0
                 rec = turn.record
                 if not text and rec.partials:
                     # the final decode of the whole segment can come back empty where a partial of the same
@@ -347,7 +346,7 @@ class VoiceLoop:
                     text, rec.transcript_from = rec.partials[-1]["text"], "last_partial"
                 rec.transcript = text
                 rec.asr_final_ms = turn.listener_ms(time.monotonic())
-                audio_ms = len(audio) / SAMPLE_RATE * 1000
+                audio_ms = decoded / SAMPLE_RATE * 1000
                 rec.asr.compute_ms, rec.asr.audio_ms, rec.asr.calls = spent * 1000, audio_ms, len(rec.partials) + 1
                 rec.asr.rtf = spent * 1000 / audio_ms if audio_ms else None
                 for p in rec.partials:

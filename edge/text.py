@@ -68,7 +68,7 @@ def clean_for_speech(text: str) -> str:
 def clean_transcript(text: str) -> str:
     """An ASR transcript without the non-speech symbols recognizers hallucinate on music or odd audio
     (``♪``, the replacement character, emoji), whitespace collapsed; '' when no letter or digit is left."""
-    text = _SPACES.sub(" ", "".join(ch for ch in text if _keep_char(ch) or ch in "\n")).strip()
+    text = _SPACES.sub(" ", "".join(ch for ch in text if _keep_char(ch))).strip()
     return text if is_speakable(text) else ""
 
 

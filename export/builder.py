@@ -30,12 +30,14 @@ from edge.bundle import (
 )
 from export.artifact import StageArtifact
 from export.fetch import default_cache_dir, fetch_models
-from export.disk import DiskSpaceError, disk_full_guard, require_free_space  # noqa: F401 - DiskSpaceError re-exported
+from export.disk import disk_full_guard, require_free_space
 from export.recipes import Recipe, default_recipes, load_recipe
 
 STAGE_ORDER = ("vad", "asr", "llm", "tts", "wake")
 
 StatusFn = Callable[[str, str], None]  # (stage, message)
+
+
 @dataclass
 class ExportOptions:
     target: str = "x86-dev"
@@ -152,7 +154,7 @@ def _stale(src: Path, dst: Path) -> bool:
 
 def _place(artifact: StageArtifact, out_dir: Path) -> StageSpec:
     """Copy an artifact's files into ``out_dir/<stage>/`` and describe them in a ``StageSpec``.
-    Raises ``DiskSpaceError`` when ``out_dir`` has less free space than the files to copy."""
+    Raises ``export.disk.DiskSpaceError`` when ``out_dir`` has less free space than the files to copy."""
     stage_dir = out_dir / artifact.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
     copies = {name: src for name, src in artifact.files.items() if _stale(src, stage_dir / name)}
@@ -179,7 +181,7 @@ def build_bundle(opts: ExportOptions, status: StatusFn | None = None) -> ExportR
     """Export every default stage for ``opts.target``, write the bundle dir and the packed ``.svb``.
 
     Fails fast, before any export, on a bad board, signing key or ``opts.llm`` directory (``ConfigError`` /
-    ``ModelFileError`` from ``export.llm.check_hf_dir``). Raises ``DiskSpaceError`` (one sentence: path,
+    ``ModelFileError`` from ``export.llm.check_hf_dir``). Raises ``export.disk.DiskSpaceError`` (one sentence: path,
     MB needed and free) when the bundle directory or the ``.svb`` would not fit, or a write hits a full disk;
     ``GateFailed`` when a quantized stage fails its gate without ``fallback_float``."""
     status = status or (lambda stage, msg: None)

@@ -46,8 +46,6 @@ import numpy as np
 from edge.stages.base import ChatMessage
 
 SCHEMES = ("none", "dynamic-int8", "static-qdq-s8s8", "nncf-int8", "fp16")
-#: schemes this module does not implement for the LLM, and what they fall back to (none left)
-FALLBACK: dict[str, str] = {}
 KEEP_FLOAT = ("embed_tokens", "lm_head")
 DEFAULT_TOP1 = 0.95
 DEFAULT_PPL_RATIO = 1.05
@@ -90,9 +88,9 @@ CALIBRATION_NEW_TOKENS = 24
 
 
 def scheme_dir(scheme: str, keep_float: Sequence[str] = KEEP_FLOAT) -> str:
-    """The cache sub-directory of a scheme (a fallback scheme shares its target's); a ``keep_float``
-    other than ``KEEP_FLOAT`` gets its own (``-keep-<names>``, ``-keep-none``)."""
-    name = f"onnx-{FALLBACK.get(scheme, scheme)}"
+    """The cache sub-directory of a scheme; a ``keep_float`` other than ``KEEP_FLOAT`` gets its own
+    (``-keep-<names>``, ``-keep-none``)."""
+    name = f"onnx-{scheme}"
     if tuple(sorted(keep_float)) != tuple(sorted(KEEP_FLOAT)):
         name += "-keep-" + ("+".join(sorted(keep_float)) or "none")
     return name
@@ -225,7 +223,7 @@ def compress_weights_nncf(src: Path, dst: Path, exclude_nodes: Sequence[str]) ->
     import nncf
     import onnx
 
-    from edge.errors import ModelFileError
+    from export.quantize import quantization_failed
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -235,8 +233,7 @@ def compress_weights_nncf(src: Path, dst: Path, exclude_nodes: Sequence[str]) ->
                                                                            validate=False))
         onnx.save(compressed, str(dst))
     except Exception as exc:  # nncf raises its own and plain exceptions
-        raise ModelFileError(f"NNCF weight compression of {src.name} failed: "
-                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+        raise quantization_failed("NNCF weight compression", src, exc) from exc
     return dst
 
 
@@ -266,13 +263,13 @@ def calibration_feeds(float_lm, model: Path) -> list[dict[str, np.ndarray]]:
 
 
 def quantize_static_llm(src: Path, dst: Path, float_lm, exclude_nodes: Sequence[str]) -> Path:
-    """Static QDQ S8S8 on the weight MatMuls of ``src`` except ``exclude_nodes``, calibrated with
-    ``calibration_feeds``; writes ``dst`` and returns it."""
+    """Static QDQ S8S8 on the MatMuls of ``src`` except ``exclude_nodes`` (``weight_matmuls``' float list:
+    the activation x activation MatMuls and ``keep_float``), calibrated with ``calibration_feeds``; writes
+    ``dst`` and returns it."""
     from export.quantize import ListDataReader, quantize_static_qdq
 
-    weights, _ = weight_matmuls(src, ())
     return quantize_static_qdq(src, dst, ListDataReader(calibration_feeds(float_lm, src)), op_types=["MatMul"],
-                               exclude_nodes=[*exclude_nodes, *_non_weight_matmuls(src, weights)])
+                               exclude_nodes=exclude_nodes)
 
 
 def _gathers(model: Path, keep_float: Sequence[str]) -> list[str]:
@@ -282,15 +279,6 @@ def _gathers(model: Path, keep_float: Sequence[str]) -> list[str]:
     graph = onnx.load(str(model), load_external_data=False).graph
     return [n.name for n in graph.node if n.op_type == "Gather"
             and any(k in n.name or k in n.input[0] for k in keep_float)]
-
-
-def _non_weight_matmuls(model: Path, weight_nodes: Sequence[str]) -> list[str]:
-    """MatMul nodes of ``model`` that are not in ``weight_nodes`` (attention's activation x activation)."""
-    import onnx
-
-    graph = onnx.load(str(model), load_external_data=False).graph
-    wanted = set(weight_nodes)
-    return [n.name for n in graph.node if n.op_type == "MatMul" and n.name not in wanted]
 
 
 def quantize_model(float_model: Path, out: Path, scheme: str, keep_float: Sequence[str] = KEEP_FLOAT,
@@ -367,20 +355,14 @@ def quantize_and_gate(
     say: Callable[[str], None],
     keep_float: Sequence[str] = KEEP_FLOAT,
 ) -> QuantResult:
-    """Quantize ``float_model`` with ``scheme`` (or its fallback; ``keep_float`` as in ``quantize_model``)
+    """Quantize ``float_model`` with ``scheme`` (``keep_float`` as in ``quantize_model``)
     into ``out`` and gate it against ``float_lm``; returns the model, the runtime on it, the manifest's
     quantization and drift."""
     from export.gates import GateResult
     from export.llm import runtime_model
 
-    actual = FALLBACK.get(scheme, scheme)
-    say(f"quantizing the LLM ({actual})")
-    model, desc = quantize_model(float_model, out, actual, keep_float, float_lm)
-    if actual != scheme:
-        desc = {**desc, "requested": scheme,
-                "note": f"{scheme} is not implemented for the LLM stage yet; shipped {actual} instead"
-                        + (" (MatMulNBits is not a TensorRT op: those nodes run on the CUDA or CPU provider)"
-                           if scheme == "static-qdq-s8s8" else "")}
+    say(f"quantizing the LLM ({scheme})")
+    model, desc = quantize_model(float_model, out, scheme, keep_float, float_lm)
     lm = runtime_model(model, tokenizer, config)
     min_top1 = float(gates.get("top1_agreement", DEFAULT_TOP1))
     max_ratio = float(gates.get("perplexity_ratio", DEFAULT_PPL_RATIO))
@@ -389,7 +371,7 @@ def quantize_and_gate(
     if cached.is_file():
         m = json.loads(cached.read_text(encoding="utf-8"))
     else:
-        say(f"gating {actual} against float: top-1 agreement >= {min_top1:g} over float's greedy continuations, "
+        say(f"gating {scheme} against float: top-1 agreement >= {min_top1:g} over float's greedy continuations, "
             f"perplexity ratio <= {max_ratio:g} over reference answers ({len(GATE_SET)} prompts)")
         cont = teacher_forced(float_lm, lm, continuation_sequences(float_lm))
         ref = teacher_forced(float_lm, lm, gate_sequences(float_lm))

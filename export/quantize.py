@@ -45,7 +45,8 @@ class ListDataReader:
         return len(self.feeds)
 
 
-def _fail(what: str, path: Path, exc: Exception) -> ModelFileError:
+def quantization_failed(what: str, path: Path, exc: Exception) -> ModelFileError:
+    """The one-line error for a quantization step ``what`` on ``path`` that raised ``exc``."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ModelFileError(f"{what} of {path.name} failed: {first}")
 
@@ -70,7 +71,7 @@ def quantize_dynamic_int8(
             extra_options={"EnableSubgraph": True},
         )
     except Exception as exc:  # onnxruntime raises plain Exceptions / RuntimeErrors
-        raise _fail("dynamic int8 quantization", src, exc) from exc
+        raise quantization_failed("dynamic int8 quantization", src, exc) from exc
     return dst
 
 
@@ -99,7 +100,7 @@ def quantize_static_qdq(
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
         )
     except Exception as exc:
-        raise _fail("static QDQ quantization", src, exc) from exc
+        raise quantization_failed("static QDQ quantization", src, exc) from exc
     return dst
 
 
@@ -115,7 +116,7 @@ def convert_fp16(src: Path, dst: Path, *, keep_io_types: bool = True, op_block_l
         half = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=list(op_block_list) or None)
         onnx.save(half, str(dst))
     except Exception as exc:
-        raise _fail("fp16 conversion", src, exc) from exc
+        raise quantization_failed("fp16 conversion", src, exc) from exc
     return dst
 
 
@@ -137,7 +138,7 @@ def optimize_offline(src: Path, dst: Path, level: str = "basic") -> Path:
     try:
         ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise _fail(f"{level} graph optimization", src, exc) from exc
+        raise quantization_failed(f"{level} graph optimization", src, exc) from exc
     if not dst.is_file():
         raise ModelFileError(f"onnxruntime wrote no optimized graph for {src.name}")
     return dst
